@@ -1,0 +1,76 @@
+"""Settings from ``SHMSTREAM_*`` environment variables (each also a ``shmstream serve`` flag)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from .store import DEFAULT_CAPACITY, DEFAULT_GC_INTERVAL, DEFAULT_TTL
+
+DEFAULT_NAMESPACE = "shmstream"
+
+
+def _optional_int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: str | None = None  # base URL of an OpenAI-compatible server; None: demo
+    namespace: str = DEFAULT_NAMESPACE
+    max_bytes: int = DEFAULT_CAPACITY
+    ttl: float = DEFAULT_TTL
+    gc_interval: float = DEFAULT_GC_INTERVAL
+    ping_interval: float = 1.0
+    api_key: str | None = None
+    upstream_api_key: str | None = None
+    max_sessions: int | None = None
+    max_shm_bytes: int | None = None
+    backend: str = "shm"  # "shm" or a redis:// URL
+    demo_tokens_per_second: float = 20.0
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> Settings:
+        """Read ``SHMSTREAM_<FIELD>`` for every field; unset or empty keeps the default.
+
+        Raises ValueError naming the variable when a value does not parse.
+        """
+        environ = os.environ if environ is None else environ
+        values = {}
+        for spec in fields(cls):
+            variable = "SHMSTREAM_" + spec.name.upper()
+            raw = environ.get(variable)
+            if raw in (None, ""):
+                continue
+            convert = {"int": int, "float": float, "int | None": _optional_int}.get(
+                str(spec.type), str
+            )
+            try:
+                values[spec.name] = convert(raw)
+            except ValueError:
+                raise ValueError(f"{variable}={raw!r} is not a valid {spec.type}") from None
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The ``SHMSTREAM_*`` variables that reproduce these settings in a child process."""
+        out = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is not None:
+                out["SHMSTREAM_" + spec.name.upper()] = str(value)
+        return out
+
+    def open_store(self):
+        """The configured backend's store (import is deferred: Redis is optional at runtime)."""
+        if self.backend == "shm":
+            from .registry import ShmStore
+
+            return ShmStore(self.namespace, capacity=self.max_bytes, ttl=self.ttl,
+                            max_sessions=self.max_sessions, max_shm_bytes=self.max_shm_bytes)
+        if self.backend.startswith(("redis://", "rediss://", "unix://")):
+            from .redis_backend import RedisStore
+
+            return RedisStore.from_url(self.backend, namespace=self.namespace,
+                                       capacity=self.max_bytes, ttl=self.ttl,
+                                       max_sessions=self.max_sessions)
+        raise ValueError(f"SHMSTREAM_BACKEND must be 'shm' or a redis:// URL, not {self.backend!r}")

@@ -1,0 +1,295 @@
+"""The byte layout of a session segment: the one place that knows where each field lives.
+
+A segment is one POSIX shared-memory object::
+
+    0        8        16       24       32       40       48       56       64
+    +--------+--------+--------+--------+--------+--------+--------+--------+
+    | magic  |version | state  | flags  |      total      |     dropped     |   0
+    +--------+--------+--------+--------+--------+--------+--------+--------+
+    |    capacity     |  started_at_us  | completed_at_us |  producer_pid   |  32
+    +--------+--------+--------+--------+--------+--------+--------+--------+
+    | producer_start  | lock_owner_pid  | futex  |waiters |meta_len|ring_off|  64
+    +--------+--------+--------+--------+--------+--------+--------+--------+
+    |                         reserved (zero)                               |  96
+    +-----------------------------------------------------------------------+
+    | metadata: one msgpack map (conversation id, model, ...), meta_len B  | 128
+    +-----------------------------------------------------------------------+
+    | ring: capacity bytes; the byte at stream offset o lives at o % capacity | ring_off
+    +-----------------------------------------------------------------------+
+
+(the ruler counts bytes in 4-byte columns; every u64 is 8-aligned, the futex word 4-aligned)
+
+- ``magic`` and ``version`` form one u64 written *last* by the creator, so a reader that
+  finds them has a complete header and metadata.
+- ``total`` is the stream offset one past the last byte ever appended; ``dropped`` the
+  offset of the oldest byte still held (``max(0, total - capacity)``).
+- ``state`` is a :class:`State`; ``flags`` holds :data:`FLAG_CANCEL`, set by any process
+  that cancels and observed by the producer.
+- Times are unix microseconds; ``completed_at_us`` is 0 while running.
+- ``producer_pid`` + ``producer_start`` (the kernel's start time of that process, in clock
+  ticks since boot) identify the producing process without pid-reuse ambiguity.
+- ``lock_owner_pid`` is the last process that took the segment's semaphore; it lets a waiter
+  recover the lock from a holder that died.
+- ``futex`` is a doorbell bumped after every publish; ``waiters`` counts readers asleep on it
+  so a producer skips the wake syscall when nobody waits.
+
+Every field is read and written under the segment's semaphore except the doorbell and the
+``flags`` peek of the cancel watcher. Stores go through ``memoryview.cast`` element
+assignment, which (unlike ``struct.pack_into``) never exposes a zeroed intermediate value.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+
+import msgpack
+
+MAGIC = 0x534D4853  # b"SHMS" little-endian
+VERSION = 1
+MAGIC_VERSION = MAGIC | (VERSION << 32)
+
+# Byte offsets, computed from a running position so a change to one field moves the rest.
+_position = 0
+
+
+def _field(size: int) -> int:
+    global _position
+    offset = _position
+    assert offset % size == 0, "fields must be naturally aligned"
+    _position += size
+    return offset
+
+
+MAGIC_OFFSET = _field(4)
+VERSION_OFFSET = _field(4)
+STATE_OFFSET = _field(4)
+FLAGS_OFFSET = _field(4)
+TOTAL_OFFSET = _field(8)
+DROPPED_OFFSET = _field(8)
+CAPACITY_OFFSET = _field(8)
+STARTED_AT_OFFSET = _field(8)
+COMPLETED_AT_OFFSET = _field(8)
+PRODUCER_PID_OFFSET = _field(8)
+PRODUCER_START_OFFSET = _field(8)
+LOCK_OWNER_OFFSET = _field(8)
+FUTEX_OFFSET = _field(4)
+WAITERS_OFFSET = _field(4)
+META_LENGTH_OFFSET = _field(4)
+RING_OFFSET_OFFSET = _field(4)
+HEADER_SIZE = 128
+META_OFFSET = HEADER_SIZE
+assert _position <= HEADER_SIZE
+del _position
+
+# Element indexes into the u64 and u32 views of the header (offset // size).
+MAGIC_VERSION_Q = MAGIC_OFFSET // 8
+TOTAL_Q = TOTAL_OFFSET // 8
+DROPPED_Q = DROPPED_OFFSET // 8
+CAPACITY_Q = CAPACITY_OFFSET // 8
+STARTED_AT_Q = STARTED_AT_OFFSET // 8
+COMPLETED_AT_Q = COMPLETED_AT_OFFSET // 8
+PRODUCER_PID_Q = PRODUCER_PID_OFFSET // 8
+PRODUCER_START_Q = PRODUCER_START_OFFSET // 8
+LOCK_OWNER_Q = LOCK_OWNER_OFFSET // 8
+STATE_I = STATE_OFFSET // 4
+FLAGS_I = FLAGS_OFFSET // 4
+FUTEX_I = FUTEX_OFFSET // 4
+WAITERS_I = WAITERS_OFFSET // 4
+META_LENGTH_I = META_LENGTH_OFFSET // 4
+RING_OFFSET_I = RING_OFFSET_OFFSET // 4
+
+FLAG_CANCEL = 1
+RING_ALIGN = 64
+MAX_META_BYTES = 64 * 1024
+
+
+class State(enum.IntEnum):
+    """Session states. ``RUNNING`` moves once to one of the terminal states."""
+
+    RUNNING = 0
+    DONE = 1
+    CANCELLED = 2
+    FAILED = 3
+    ABORTED = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @property
+    def is_terminal(self) -> bool:
+        return self is not State.RUNNING
+
+
+class CorruptSegment(Exception):
+    """The segment is not a complete shmstream segment of this layout version."""
+
+
+def ring_offset_for(meta_length: int) -> int:
+    """Where the ring starts after ``meta_length`` bytes of metadata (64-byte aligned)."""
+    end = META_OFFSET + meta_length
+    return (end + RING_ALIGN - 1) // RING_ALIGN * RING_ALIGN
+
+
+def encode_metadata(metadata: dict) -> bytes:
+    record = msgpack.packb(metadata, use_bin_type=True)
+    if len(record) > MAX_META_BYTES:
+        raise ValueError(f"metadata is {len(record)} bytes, the limit is {MAX_META_BYTES}")
+    return record
+
+
+def segment_size(meta_length: int, capacity: int) -> int:
+    return ring_offset_for(meta_length) + capacity
+
+
+class Header:
+    """Typed access to one mapped segment's header, metadata and ring.
+
+    The views hold exports of the mapping: call :meth:`release` before closing the mmap.
+    """
+
+    __slots__ = ("q", "i", "mapping", "ring", "capacity", "ring_offset", "meta_length")
+
+    def __init__(self, mapping: mmap.mmap | bytearray):
+        self.mapping = mapping
+        head = memoryview(mapping)[:HEADER_SIZE]
+        self.q = head.cast("Q")
+        self.i = head.cast("I")
+        head.release()
+        self.capacity = 0
+        self.ring_offset = 0
+        self.meta_length = 0
+        self.ring: memoryview | None = None
+
+    # --- creation -------------------------------------------------------------------------
+    def initialise(
+        self,
+        *,
+        capacity: int,
+        metadata_record: bytes,
+        started_at_us: int,
+        producer_pid: int,
+        producer_start: int,
+    ) -> None:
+        """Write a fresh header, metadata and an empty ring; magic+version go in last."""
+        meta_length = len(metadata_record)
+        ring_offset = ring_offset_for(meta_length)
+        if len(self.mapping) < ring_offset + capacity:
+            raise ValueError("mapping is smaller than header + metadata + ring")
+        self.mapping[META_OFFSET : META_OFFSET + meta_length] = metadata_record
+        q, i = self.q, self.i
+        i[STATE_I] = State.RUNNING
+        i[FLAGS_I] = 0
+        q[TOTAL_Q] = 0
+        q[DROPPED_Q] = 0
+        q[CAPACITY_Q] = capacity
+        q[STARTED_AT_Q] = started_at_us
+        q[COMPLETED_AT_Q] = 0
+        q[PRODUCER_PID_Q] = producer_pid
+        q[PRODUCER_START_Q] = producer_start
+        q[LOCK_OWNER_Q] = 0
+        i[FUTEX_I] = 0
+        i[WAITERS_I] = 0
+        i[META_LENGTH_I] = meta_length
+        i[RING_OFFSET_I] = ring_offset
+        q[MAGIC_VERSION_Q] = MAGIC_VERSION
+        self._bind_ring()
+
+    # --- opening --------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check magic, version and that every offset stays inside the mapping.
+
+        Raises :class:`CorruptSegment`; after it the header is unusable (call release).
+        A segment whose creator has not finished (no magic yet) is reported the same way.
+        """
+        size = len(self.mapping)
+        if size < HEADER_SIZE:
+            raise CorruptSegment(f"segment of {size} bytes is smaller than the header")
+        magic_version = self.q[MAGIC_VERSION_Q]
+        if magic_version & 0xFFFFFFFF != MAGIC:
+            raise CorruptSegment("bad magic (not a shmstream segment, or not finished)")
+        if magic_version >> 32 != VERSION:
+            raise CorruptSegment(f"layout version {magic_version >> 32}, expected {VERSION}")
+        meta_length = self.i[META_LENGTH_I]
+        ring_offset = self.i[RING_OFFSET_I]
+        capacity = self.q[CAPACITY_Q]
+        if meta_length > MAX_META_BYTES or ring_offset < META_OFFSET + meta_length:
+            raise CorruptSegment("metadata overlaps the ring")
+        if capacity == 0 or ring_offset + capacity > size:
+            raise CorruptSegment("ring extends past the end of the segment")
+        if self.i[STATE_I] not in State._value2member_map_:
+            raise CorruptSegment(f"unknown state {self.i[STATE_I]}")
+        total, dropped = self.q[TOTAL_Q], self.q[DROPPED_Q]
+        if dropped > total or total - dropped > capacity:
+            raise CorruptSegment("total/dropped do not describe a ring of this capacity")
+        self._bind_ring()
+
+    def _bind_ring(self) -> None:
+        self.meta_length = self.i[META_LENGTH_I]
+        self.ring_offset = self.i[RING_OFFSET_I]
+        self.capacity = self.q[CAPACITY_Q]
+        self.ring = memoryview(self.mapping)[self.ring_offset : self.ring_offset + self.capacity]
+
+    def metadata(self) -> dict:
+        record = bytes(self.mapping[META_OFFSET : META_OFFSET + self.meta_length])
+        try:
+            value = msgpack.unpackb(record, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise CorruptSegment(f"metadata is not msgpack: {exc}") from None
+        if not isinstance(value, dict):
+            raise CorruptSegment("metadata is not a map")
+        return value
+
+    # --- fields ---------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return State(self.i[STATE_I])
+
+    @property
+    def flags(self) -> int:
+        return self.i[FLAGS_I]
+
+    @property
+    def total(self) -> int:
+        return self.q[TOTAL_Q]
+
+    @property
+    def dropped(self) -> int:
+        return self.q[DROPPED_Q]
+
+    @property
+    def started_at_us(self) -> int:
+        return self.q[STARTED_AT_Q]
+
+    @property
+    def completed_at_us(self) -> int:
+        return self.q[COMPLETED_AT_Q]
+
+    @property
+    def producer_pid(self) -> int:
+        return self.q[PRODUCER_PID_Q]
+
+    @property
+    def producer_start(self) -> int:
+        return self.q[PRODUCER_START_Q]
+
+    @property
+    def lock_owner_pid(self) -> int:
+        return self.q[LOCK_OWNER_Q]
+
+    @property
+    def futex_word(self) -> int:
+        return self.i[FUTEX_I]
+
+    @property
+    def waiters(self) -> int:
+        return self.i[WAITERS_I]
+
+    def release(self) -> None:
+        """Drop every view of the mapping so it can be closed."""
+        if self.ring is not None:
+            self.ring.release()
+            self.ring = None
+        self.q.release()
+        self.i.release()

@@ -1,0 +1,407 @@
+"""The shared-memory backend: sessions in /dev/shm, visible to every process on the host.
+
+Locking order, always: the namespace's registry flock, then a segment's semaphore. The
+registry flock is taken exclusively to create, replace or remove a name, and shared to open
+one, so a name never resolves to a half-made or half-removed pair of shm + semaphore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+from . import layout, ring, segment
+from .errors import InvalidConversationId, StoreUnavailable
+from .layout import FLAG_CANCEL, CorruptSegment, State
+from .store import (
+    DEFAULT_CAPACITY,
+    DEFAULT_TTL,
+    GCReport,
+    Session,
+    SessionInfo,
+    SessionStore,
+    matches_lookup,
+    now_us,
+)
+from .sync import flocked, process_alive, process_start_time
+
+log = logging.getLogger("shmstream.store")
+
+_RUNNING = State.RUNNING
+_STATE_I = layout.STATE_I
+_FLAGS_I = layout.FLAGS_I
+_TOTAL_Q = layout.TOTAL_Q
+_DROPPED_Q = layout.DROPPED_Q
+_FUTEX_I = layout.FUTEX_I
+_WAITERS_I = layout.WAITERS_I
+_COMPLETED_AT_Q = layout.COMPLETED_AT_Q
+
+
+class ShmSession(Session):
+    """A handle on one mapped segment. Not thread-safe: one handle per thread."""
+
+    def __init__(self, seg: segment.Segment, conversation_id: str):
+        self.conversation_id = conversation_id
+        self.segment = seg
+        header = seg.header
+        self._q = header.q
+        self._i = header.i
+        self._ring = header.ring
+        self._capacity = header.capacity
+        self._lock = seg.lock
+        self._doorbell = seg.doorbell
+        self._ticket = 0
+        self._closed = False
+
+    # --- producing ------------------------------------------------------------------------
+    def append(self, data) -> bool:
+        length = len(data)
+        if length == 0:
+            return True
+        q, i, lock = self._q, self._i, self._lock
+        lock.acquire()
+        try:
+            if i[_STATE_I] != _RUNNING:
+                return False
+            capacity = self._capacity
+            total = ring.write(self._ring, capacity, q[_TOTAL_Q], data)
+            q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
+            if total > capacity:
+                q[_DROPPED_Q] = total - capacity
+            i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
+            waiters = i[_WAITERS_I]
+        finally:
+            lock.release()
+        if waiters:
+            self._doorbell.ring()
+        return True
+
+    def finalize(self, state: State = State.DONE) -> bool:
+        return self._finish(state, cancel=False)
+
+    def cancel(self) -> bool:
+        return self._finish(State.CANCELLED, cancel=True)
+
+    def _finish(self, state: State, cancel: bool) -> bool:
+        if state is _RUNNING:
+            raise ValueError("finalize needs a terminal state")
+        q, i = self._q, self._i
+        with self._lock:
+            if cancel:
+                i[_FLAGS_I] |= FLAG_CANCEL
+            ended = i[_STATE_I] == _RUNNING
+            if ended:
+                i[_STATE_I] = state
+                q[_COMPLETED_AT_Q] = now_us()
+                i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
+            waiters = i[_WAITERS_I]
+        if waiters:
+            self._doorbell.ring()
+        return ended
+
+    @property
+    def producer_should_stop(self) -> bool:
+        # Two aligned u32 loads without the lock: a stale answer only delays the stop by one
+        # watcher period, and neither field ever goes back.
+        return bool(self._i[_FLAGS_I] & FLAG_CANCEL) or self._i[_STATE_I] != _RUNNING
+
+    # --- reading --------------------------------------------------------------------------
+    def info(self) -> SessionInfo:
+        header = self.segment.header
+        with self._lock:
+            state = header.state
+            total = header.total
+            dropped = header.dropped
+            started = header.started_at_us
+            completed = header.completed_at_us
+            pid = header.producer_pid
+            start_time = header.producer_start
+            waiters = header.waiters
+        return SessionInfo(
+            conversation_id=self.conversation_id,
+            state=state,
+            total_bytes=total,
+            dropped_bytes=dropped,
+            capacity=header.capacity,
+            started_at=started / 1e6,
+            completed_at=completed / 1e6,
+            producer_pid=pid,
+            producer_alive=process_alive(pid, start_time),
+            waiters=waiters,
+            metadata=header.metadata(),
+        )
+
+    def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
+        q, i, lock = self._q, self._i, self._lock
+        lock.acquire()
+        try:
+            total = q[_TOTAL_Q]
+            finished = i[_STATE_I] != _RUNNING
+            chunk = ring.read(self._ring, self._capacity, total, offset, limit)
+            if not chunk and not finished:
+                # Arm the wake-up while still holding the lock: the ticket matches this
+                # `total`, and the producer will see us counted before it next publishes.
+                self._ticket = i[_FUTEX_I]
+                i[_WAITERS_I] += 1
+        finally:
+            lock.release()
+        return chunk, finished
+
+    def _sleep(self, timeout: float) -> None:
+        try:
+            self._doorbell.wait(self._ticket, timeout)
+        finally:
+            with self._lock:
+                self._i[_WAITERS_I] -= 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._ring = None
+            self.segment.close()
+
+
+class ShmStore(SessionStore):
+    """Sessions in POSIX shared memory under one namespace; safe across processes and
+    threads. Construct one per process (it holds no shared state of its own)."""
+
+    def __init__(
+        self,
+        namespace: str,
+        capacity: int = DEFAULT_CAPACITY,
+        ttl: float = DEFAULT_TTL,
+        max_sessions: int | None = None,
+        max_shm_bytes: int | None = None,
+    ):
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.namespace = segment.validate_namespace(namespace)
+        self.capacity = capacity
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self.max_shm_bytes = max_shm_bytes
+        self._registry_lock = segment.registry_lock_path(namespace)
+
+    def __repr__(self) -> str:
+        return f"ShmStore(namespace={self.namespace!r}, capacity={self.capacity})"
+
+    # --- create / replace -----------------------------------------------------------------
+    def create_or_replace(self, conversation_id: str, metadata: dict | None = None) -> ShmSession:
+        record = {"id": conversation_id, **(metadata or {})}
+        name = segment.segment_name(self.namespace, conversation_id)
+        pid = os.getpid()
+        with flocked(self._registry_lock):
+            replaced = self._retire(name, cancel=True)
+            self._check_quota(conversation_id)
+            seg = segment.create(
+                self.namespace, conversation_id, capacity=self.capacity, metadata=record,
+                started_at_us=now_us(), producer_pid=pid, producer_start=process_start_time(pid),
+            )
+        log.info("session created id=%s%s", segment.short_hash(conversation_id),
+                 " (replaced a live one)" if replaced else "")
+        return ShmSession(seg, conversation_id)
+
+    def _check_quota(self, conversation_id: str) -> None:
+        if self.max_sessions is None and self.max_shm_bytes is None:
+            return
+        names = segment.list_names(self.namespace)
+        if self.max_sessions is not None and len(names) >= self.max_sessions:
+            raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
+        if self.max_shm_bytes is not None:
+            used = 0
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    used += os.stat(os.path.join(segment.SHM_DIR, name)).st_size
+            record = layout.encode_metadata({"id": conversation_id})
+            needed = layout.segment_size(len(record) + 64, self.capacity)
+            if used + needed > self.max_shm_bytes:
+                raise StoreUnavailable(
+                    f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
+                )
+
+    def _retire(self, name: str, cancel: bool) -> bool:
+        """Finalize and unlink whatever lives at ``name``. Registry lock held exclusively.
+
+        A running session is cancelled (``cancel``) or finalized as done. True if a
+        session was there.
+        """
+        try:
+            seg = segment.open_segment(self.namespace, name)
+        except CorruptSegment as exc:
+            log.warning("removing unusable segment %s: %s", name, exc)
+            segment.unlink(name)
+            return False
+        if seg is None:
+            return False
+        session = ShmSession(seg, "")
+        try:
+            if cancel:
+                session.cancel()
+            else:
+                session.finalize(State.DONE)
+        finally:
+            segment.unlink(name)
+            session.close()
+        return True
+
+    # --- finding --------------------------------------------------------------------------
+    def _open(self, name: str, conversation_id: str | None) -> ShmSession | None:
+        """Open by name; with ``conversation_id``, only if the stored id is that one."""
+        try:
+            with flocked(self._registry_lock, shared=True):
+                seg = segment.open_segment(self.namespace, name)
+        except CorruptSegment as exc:
+            log.warning("skipping unusable segment %s: %s", name, exc)
+            return None
+        if seg is None:
+            return None
+        try:
+            stored = seg.header.metadata().get("id")
+        except CorruptSegment as exc:
+            log.warning("skipping segment %s: %s", name, exc)
+            seg.close()
+            return None
+        if not isinstance(stored, str) or (conversation_id is not None
+                                           and stored != conversation_id):
+            seg.close()  # a hash collision or a foreign record: not this session
+            return None
+        return ShmSession(seg, stored)
+
+    def get(self, conversation_id: str) -> ShmSession | None:
+        name = segment.segment_name(self.namespace, conversation_id)
+        return self._open(name, conversation_id)
+
+    def _infos(self, names: Iterable[str]) -> list[SessionInfo]:
+        infos = []
+        for name in names:
+            session = self._open(name, None)
+            if session is None:
+                continue
+            try:
+                infos.append(session.info())
+            except CorruptSegment as exc:
+                log.warning("skipping segment %s: %s", name, exc)
+            finally:
+                session.close()
+        return infos
+
+    def list(self) -> list[SessionInfo]:
+        return self._infos(segment.list_names(self.namespace))
+
+    def lookup(self, conversation_ids: Iterable[str]) -> list[SessionInfo]:
+        requested = []
+        for conversation_id in conversation_ids:
+            try:
+                requested.append((conversation_id,
+                                  segment.base_prefix(self.namespace, conversation_id)))
+            except InvalidConversationId:
+                continue
+        if not requested:
+            return []
+        prefixes = {prefix for _, prefix in requested}
+        names = [n for n in segment.list_names(self.namespace) if segment.prefix_of(n) in prefixes]
+        return [
+            info for info in self._infos(names)
+            if any(matches_lookup(info.conversation_id, rid) for rid, _ in requested)
+        ]
+
+    # --- removing -------------------------------------------------------------------------
+    def evict(self, conversation_id: str) -> bool:
+        return self._evict(conversation_id, cancel=False)
+
+    def evict_and_cancel(self, conversation_id: str) -> bool:
+        return self._evict(conversation_id, cancel=True)
+
+    def _evict(self, conversation_id: str, cancel: bool) -> bool:
+        name = segment.segment_name(self.namespace, conversation_id)
+        with flocked(self._registry_lock):
+            found = self._retire(name, cancel=cancel)
+        if found:
+            log.info("session %s id=%s", "cancelled" if cancel else "evicted",
+                     segment.short_hash(conversation_id))
+        return found
+
+    def gc(self, now: float | None = None) -> GCReport:
+        """One pass: expire, reap dead producers, free dead holders' locks, drop debris.
+
+        Runs under the registry lock (exclusive), so nothing is created meanwhile and an
+        unfinished segment can only be a dead creator's.
+        """
+        now = time.time() if now is None else now
+        cutoff_us = int((now - self.ttl) * 1e6)
+        report = GCReport()
+        with flocked(self._registry_lock):
+            for name in segment.list_names(self.namespace):
+                try:
+                    seg = segment.open_segment(self.namespace, name)
+                except CorruptSegment as exc:
+                    if "bad magic" in str(exc) or "no semaphore" in str(exc):
+                        log.warning("gc: removing unfinished segment %s: %s", name, exc)
+                        segment.unlink(name)
+                        report.corrupt_removed += 1
+                    continue
+                if seg is None:
+                    continue
+                session = ShmSession(seg, "")
+                try:
+                    self._collect(session, name, cutoff_us, report)
+                finally:
+                    session.close()
+            for name in segment.list_orphan_semaphores(self.namespace):
+                segment.unlink(name)
+                report.corrupt_removed += 1
+        return report
+
+    def _collect(self, session: ShmSession, name: str, cutoff_us: int, report: GCReport):
+        header = session.segment.header
+        if session.segment.lock.release_if_dead_owner():
+            report.locks_recovered += 1
+            log.warning("gc: released the lock of %s from dead pid", name)
+        with session.segment.lock:
+            state = header.state
+            completed = header.completed_at_us
+            pid, start_time = header.producer_pid, header.producer_start
+        if state is State.RUNNING and not process_alive(pid, start_time):
+            if session.finalize(State.ABORTED):
+                report.aborted += 1
+                log.warning("gc: producer pid %d died; session %s aborted", pid, name)
+        elif state.is_terminal and completed <= cutoff_us:
+            segment.unlink(name)
+            report.expired += 1
+            return
+        report.kept += 1
+
+    def reap_producer(self, pid: int) -> int:
+        """Abort every running session produced by ``pid`` (which just died) and release
+        locks it held. Returns how many sessions were aborted."""
+        aborted = 0
+        for name in segment.list_names(self.namespace):
+            session = self._open(name, None)
+            if session is None:
+                continue
+            try:
+                header = session.segment.header
+                session.segment.lock.release_if_dead_owner()
+                if header.producer_pid == pid and session.finalize(State.ABORTED):
+                    aborted += 1
+            finally:
+                session.close()
+        return aborted
+
+    def purge(self) -> int:
+        """Remove every segment, semaphore and lock file of the namespace. Returns a count."""
+        removed = 0
+        with flocked(self._registry_lock):
+            for name in segment.list_names(self.namespace):
+                segment.unlink(name)
+                removed += 1
+            for name in segment.list_orphan_semaphores(self.namespace):
+                segment.unlink(name)
+                removed += 1
+        for path in (segment.recovery_lock_path(self.namespace), self._registry_lock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return removed

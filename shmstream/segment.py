@@ -1,0 +1,242 @@
+"""Session segments: naming, creating, opening, unlinking and mapping.
+
+Each session is one POSIX shared-memory object plus one named semaphore of the same name.
+Names never contain the conversation id: they are ``<namespace>.<base hash><id hash>``,
+where the base hash covers the id up to its first ``::`` so a lookup of ``X`` finds every
+``X::model`` session by listing names, without opening unrelated segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import mmap
+import os
+import re
+from dataclasses import dataclass
+
+import posix_ipc
+
+from . import layout
+from .errors import InvalidConversationId, StoreUnavailable
+from .sync import Doorbell, RobustLock
+
+SHM_DIR = "/dev/shm"  # where Linux's shm_open keeps objects; semaphores are "sem.<name>"
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_BASE_HASH_HEX = 16
+_ID_HASH_HEX = 32
+MAX_ID_BYTES = 16 * 1024
+PERMISSIONS = 0o600
+
+
+def validate_namespace(namespace: str) -> str:
+    if not NAMESPACE_PATTERN.fullmatch(namespace):
+        raise ValueError(f"namespace must match {NAMESPACE_PATTERN.pattern}: {namespace!r}")
+    return namespace
+
+
+def encode_id(conversation_id: str) -> bytes:
+    """The id's UTF-8 bytes. Raises :class:`InvalidConversationId` for empty, huge or
+    unencodable (lone surrogate) ids. Any other text, slashes and NUL included, is fine."""
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise InvalidConversationId("conversation id must be a non-empty string")
+    try:
+        raw = conversation_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidConversationId("conversation id is not valid UTF-8") from None
+    if len(raw) > MAX_ID_BYTES:
+        raise InvalidConversationId(f"conversation id is longer than {MAX_ID_BYTES} bytes")
+    return raw
+
+
+def _digest(data: bytes, hex_length: int) -> str:
+    return hashlib.blake2b(data, digest_size=hex_length // 2, person=b"shmstream").hexdigest()
+
+
+def base_id(raw_id: bytes) -> bytes:
+    """The part of an id that ``lookup`` matches on: everything before the first ``::``."""
+    return raw_id.split(b"::", 1)[0]
+
+
+def base_prefix(namespace: str, conversation_id: str) -> str:
+    """The file-name prefix shared by ``conversation_id`` and every ``<id>::...`` session."""
+    return f"{namespace}.{_digest(base_id(encode_id(conversation_id)), _BASE_HASH_HEX)}"
+
+
+def segment_name(namespace: str, conversation_id: str) -> str:
+    """The shm/semaphore name (without the leading slash) of a conversation's session."""
+    raw = encode_id(conversation_id)
+    base = _digest(base_id(raw), _BASE_HASH_HEX)
+    return f"{namespace}.{base}{_digest(raw, _ID_HASH_HEX)}"
+
+
+def prefix_of(name: str) -> str:
+    """The :func:`base_prefix` part of a segment name."""
+    return name[: len(name) - _ID_HASH_HEX]
+
+
+def short_hash(conversation_id: str) -> str:
+    """A log-safe handle for an id: ids are capabilities and never appear in logs."""
+    try:
+        return _digest(encode_id(conversation_id), 12)
+    except InvalidConversationId:
+        return "invalid"
+
+
+def list_names(namespace: str, prefix: str | None = None) -> list[str]:
+    """Names of every session segment of ``namespace`` (optionally under ``prefix``)."""
+    pattern = re.compile(
+        re.escape(namespace) + rf"\.[0-9a-f]{{{_BASE_HASH_HEX + _ID_HASH_HEX}}}"
+    )
+    start = prefix or namespace + "."
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(e for e in entries if e.startswith(start) and pattern.fullmatch(e))
+
+
+def list_orphan_semaphores(namespace: str) -> list[str]:
+    """Semaphore names of ``namespace`` whose segment is gone (a creator died mid-way)."""
+    live = set(list_names(namespace))
+    prefix = f"sem.{namespace}."
+    return [
+        entry[4:]
+        for entry in os.listdir(SHM_DIR)
+        if entry.startswith(prefix) and entry[4:] not in live
+    ]
+
+
+def registry_lock_path(namespace: str) -> str:
+    """A small file whose flock serialises create/replace/unlink within a namespace."""
+    return os.path.join(SHM_DIR, f"{namespace}.lock")
+
+
+def recovery_lock_path(namespace: str) -> str:
+    """A second flock file that serialises taking over locks from dead holders. Separate
+    from the registry lock because recovery can happen while the registry lock is held."""
+    return os.path.join(SHM_DIR, f"{namespace}.recover")
+
+
+def reserve_pages(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes of tmpfs for ``fd`` now, so a full /dev/shm fails here with
+    ENOSPC instead of SIGBUS on the first write (the OS seam tests inject failures into)."""
+    os.posix_fallocate(fd, 0, size)
+
+
+def unlink(name: str) -> None:
+    """Remove a session's shared memory and semaphore names; missing ones are fine.
+
+    Processes that still map the segment keep a valid mapping until they close it.
+    """
+    for remove in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            remove("/" + name)
+
+
+@dataclass(eq=False)
+class Segment:
+    """One mapped session segment with its lock and doorbell. Close it when done."""
+
+    name: str
+    mapping: mmap.mmap
+    header: layout.Header
+    semaphore: posix_ipc.Semaphore
+    lock: RobustLock
+    doorbell: Doorbell
+
+    @classmethod
+    def _attach(cls, name: str, mapping: mmap.mmap, semaphore: posix_ipc.Semaphore,
+                header: layout.Header, guard_path: str) -> Segment:
+        lock = RobustLock(semaphore, header.q, layout.LOCK_OWNER_Q, guard_path)
+        return cls(name, mapping, header, semaphore, lock,
+                   Doorbell(mapping, layout.FUTEX_OFFSET))
+
+    def close(self) -> None:
+        """Unmap and close this process's handles (the segment itself stays)."""
+        self.doorbell.close()
+        self.header.release()
+        self.mapping.close()
+        self.semaphore.close()
+
+
+def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dict,
+           started_at_us: int, producer_pid: int, producer_start: int) -> Segment:
+    """Create a session's segment and semaphore (mode 0600), reserved and initialised.
+
+    Call with the namespace's registry lock held exclusively. Raises
+    :class:`FileExistsError` if the name is taken, :class:`StoreUnavailable` if /dev/shm
+    has no room; nothing is left behind after a failure.
+    """
+    name = segment_name(namespace, conversation_id)
+    record = layout.encode_metadata(metadata)
+    size = layout.segment_size(len(record), capacity)
+    try:
+        memory = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=PERMISSIONS)
+    except posix_ipc.ExistentialError:
+        raise FileExistsError(name) from None
+    mapping = None
+    try:
+        try:
+            reserve_pages(memory.fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise StoreUnavailable(
+                    f"no room in {SHM_DIR} for a {size}-byte session ({exc.strerror})"
+                ) from None
+            raise
+        mapping = mmap.mmap(memory.fd, size)
+        try:
+            semaphore = posix_ipc.Semaphore(
+                "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
+            )
+        except posix_ipc.ExistentialError:
+            # A creator died between the two calls; under the registry lock it is garbage.
+            posix_ipc.unlink_semaphore("/" + name)
+            semaphore = posix_ipc.Semaphore(
+                "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
+            )
+        header = layout.Header(mapping)
+        header.initialise(
+            capacity=capacity, metadata_record=record, started_at_us=started_at_us,
+            producer_pid=producer_pid, producer_start=producer_start,
+        )
+    except BaseException:
+        if mapping is not None:
+            mapping.close()
+        unlink(name)
+        raise
+    finally:
+        memory.close_fd()
+    return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace))
+
+
+def open_segment(namespace: str, name: str) -> Segment | None:
+    """Map an existing segment by name; None if it is gone.
+
+    Raises :class:`layout.CorruptSegment` for a foreign, unfinished or lying header.
+    Call with the namespace's registry lock held (shared is enough).
+    """
+    try:
+        memory = posix_ipc.SharedMemory("/" + name)  # never pass size: it would truncate
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        size = os.fstat(memory.fd).st_size
+        if size < layout.HEADER_SIZE:
+            raise layout.CorruptSegment(f"segment of {size} bytes is smaller than the header")
+        mapping = mmap.mmap(memory.fd, size)
+    finally:
+        memory.close_fd()
+    header = layout.Header(mapping)
+    try:
+        header.validate()
+        semaphore = posix_ipc.Semaphore("/" + name)
+    except BaseException as exc:
+        header.release()
+        mapping.close()
+        if isinstance(exc, posix_ipc.ExistentialError):
+            raise layout.CorruptSegment("segment has no semaphore") from None
+        raise
+    return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace))

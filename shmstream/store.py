@@ -1,0 +1,193 @@
+"""The session store interface every backend implements (shared memory, Redis).
+
+The HTTP layer talks only to these classes, so it never knows which backend it uses. The
+protocol decisions that are the same everywhere (what a reader does at an offset, when it
+stops) live here and in :mod:`shmstream.ring`, not in the backends.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .layout import State
+
+DEFAULT_CAPACITY = 4 * 1024 * 1024  # bytes held per session (the seed's cap)
+DEFAULT_TTL = 300.0  # seconds a finished session stays readable
+DEFAULT_GC_INTERVAL = 60.0  # seconds between garbage collections
+WAKE_INTERVAL = 0.2  # a waiting reader re-checks should_stop at least this often
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A consistent snapshot of one session's header."""
+
+    conversation_id: str
+    state: State
+    total_bytes: int
+    dropped_bytes: int
+    capacity: int
+    started_at: float  # unix seconds
+    completed_at: float  # unix seconds, 0 while running
+    producer_pid: int = 0
+    producer_alive: bool = True
+    waiters: int = 0
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def is_done(self) -> bool:
+        return self.state.is_terminal
+
+    def lookup_entry(self) -> dict:
+        """The ``POST /v1/streams/lookup`` object (the seed's fields first)."""
+        return {
+            "conversation_id": self.conversation_id,
+            "is_done": self.is_done,
+            "total_bytes": self.total_bytes,
+            "started_at": int(self.started_at),
+            "completed_at": int(self.completed_at),
+            "state": self.state.label,
+            "dropped_bytes": self.dropped_bytes,
+        }
+
+
+@dataclass
+class GCReport:
+    """What one garbage-collection pass did (ids are not included: they are capabilities)."""
+
+    expired: int = 0  # finished sessions removed after their TTL
+    aborted: int = 0  # running sessions whose producer died, finalized as aborted
+    locks_recovered: int = 0  # locks released from dead holders
+    corrupt_removed: int = 0  # unfinished or orphaned objects removed
+    kept: int = 0
+
+
+def matches_lookup(conversation_id: str, requested: str) -> bool:
+    """``lookup`` matching: the exact id, or the id followed by ``::`` and anything."""
+    return conversation_id == requested or conversation_id.startswith(requested + "::")
+
+
+class Session(abc.ABC):
+    """A handle on one session. Handles are cheap; use one per thread and close it.
+
+    The producer appends and finalizes; any process may read, cancel or inspect.
+    """
+
+    conversation_id: str
+
+    # --- producing ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def append(self, data: bytes) -> bool:
+        """Append bytes; False once the session is finalized (empty appends return True)."""
+
+    @abc.abstractmethod
+    def finalize(self, state: State = State.DONE) -> bool:
+        """End the session in ``state`` and wake every reader. True if this call ended it;
+        a session already finished keeps its first terminal state."""
+
+    @abc.abstractmethod
+    def cancel(self) -> bool:
+        """Flag the session cancelled (its producer observes it) and finalize it."""
+
+    @property
+    @abc.abstractmethod
+    def producer_should_stop(self) -> bool:
+        """True once the session was cancelled or finished by anyone (a cheap check)."""
+
+    # --- reading --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def info(self) -> SessionInfo: ...
+
+    @abc.abstractmethod
+    def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
+        """Bytes from ``offset`` (maybe empty) and whether the session finished.
+
+        Raises :class:`~shmstream.errors.OffsetLost`. When it returns no bytes and not
+        finished, the backend has armed its wake-up: :meth:`_sleep` must follow.
+        """
+
+    @abc.abstractmethod
+    def _sleep(self, timeout: float) -> None:
+        """Block until new bytes or a terminal state may be there, or ``timeout``."""
+
+    def read(
+        self,
+        offset: int = 0,
+        should_stop: Callable[[], bool] | None = None,
+        wake_interval: float = WAKE_INTERVAL,
+        limit: int | None = None,
+    ) -> Iterator[bytes]:
+        """Yield the session's bytes from ``offset`` on, live, until it ends.
+
+        Ends when the session is finished and everything was yielded, or when
+        ``should_stop()`` turns true (checked at least every ``wake_interval`` seconds).
+        Raises :class:`~shmstream.errors.OffsetLost` if ``offset`` (or a later position of
+        this reader, lapped by the producer) is no longer held.
+        """
+        while True:
+            if should_stop is not None and should_stop():
+                return
+            chunk, finished = self._poll(offset, limit)
+            if chunk:
+                offset += len(chunk)
+                yield chunk
+            elif finished:
+                return
+            else:
+                self._sleep(wake_interval)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release this handle's resources."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class SessionStore(abc.ABC):
+    """The registry of sessions, visible to every process that uses the same store."""
+
+    capacity: int
+    ttl: float
+
+    @abc.abstractmethod
+    def create_or_replace(self, conversation_id: str, metadata: dict | None = None) -> Session:
+        """Start a new running session; a live one with this id is cancelled and finalized.
+
+        Raises InvalidConversationId, or StoreUnavailable when there is no room.
+        """
+
+    @abc.abstractmethod
+    def get(self, conversation_id: str) -> Session | None:
+        """A handle on the session with exactly this id, or None."""
+
+    @abc.abstractmethod
+    def list(self) -> list[SessionInfo]:
+        """Every session of the store (for operators; ids are capabilities)."""
+
+    @abc.abstractmethod
+    def lookup(self, conversation_ids: Iterable[str]) -> list[SessionInfo]:
+        """Sessions whose id equals a requested id or starts with ``<id>::``, each once."""
+
+    @abc.abstractmethod
+    def evict(self, conversation_id: str) -> bool:
+        """Finalize (as done, if running) and remove. True if a session was there."""
+
+    @abc.abstractmethod
+    def evict_and_cancel(self, conversation_id: str) -> bool:
+        """Cancel, finalize and remove: the user's Stop. True if a session was there."""
+
+    @abc.abstractmethod
+    def gc(self, now: float | None = None) -> GCReport:
+        """Remove sessions finished more than ``ttl`` ago; abort those whose producer died."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release process-local resources (sessions stay in the store)."""
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000

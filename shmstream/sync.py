@@ -1,0 +1,252 @@
+"""Cross-process synchronisation: a semaphore lock that survives its holder's death, and a
+futex doorbell that wakes every waiting reader with one syscall.
+
+The OS calls are kept small and each errno is handled on purpose; retries and timeouts live
+one level up, in :class:`RobustLock` and the session reader loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+
+import posix_ipc
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or 0 if unknown/gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0
+    return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
+
+
+def process_alive(pid: int, start_time: int = 0) -> bool:
+    """Whether ``pid`` runs and, when ``start_time`` is given, is the same process.
+
+    A zombie (killed, not yet reaped by its parent) counts as dead: it will never release
+    anything it held.
+    """
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:  # no /proc: fall back to signal 0, which cannot see zombies or reuse
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return not (start_time and int(fields[19]) != start_time)
+
+
+# --- futex doorbell -----------------------------------------------------------------------
+
+_FUTEX_WAIT = 0
+_FUTEX_WAKE = 1
+_INT_MAX = 0x7FFFFFFF
+_SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98, "i686": 240, "i386": 240}
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _load_futex() -> Callable | None:
+    number = _SYS_FUTEX.get(platform.machine().lower())
+    if number is None or os.environ.get("SHMSTREAM_NO_FUTEX"):
+        return None
+    syscall = ctypes.CDLL(None, use_errno=True).syscall  # ctypes drops the GIL during calls
+    syscall.restype = ctypes.c_long
+    probe = ctypes.c_uint32(0)
+    if syscall(number, ctypes.byref(probe), _FUTEX_WAKE, 1, None, None, 0) < 0:
+        return None  # ENOSYS (seccomp, exotic kernel): use polling
+    return lambda *args: syscall(number, *args)
+
+
+_futex = _load_futex()
+FUTEX_AVAILABLE = _futex is not None
+
+
+class Doorbell:
+    """A 32-bit word in shared memory that producers bump and readers sleep on.
+
+    Protocol that loses no wake-up: a reader reads the word *before* checking for data and
+    sleeps only while the word still holds that value; a writer publishes data first, then
+    bumps the word, then rings. The kernel compares the word atomically with going to sleep.
+    """
+
+    def __init__(self, mapping, offset: int):
+        self._word = ctypes.c_uint32.from_buffer(mapping, offset)
+        self._address = ctypes.c_void_p(ctypes.addressof(self._word))
+
+    def wait(self, expected: int, timeout: float) -> None:
+        """Sleep until the word differs from ``expected``, a ring, or ``timeout`` seconds."""
+        if _futex is None:
+            self._poll(expected, timeout)
+            return
+        seconds = int(timeout)
+        spec = _Timespec(seconds, int((timeout - seconds) * 1e9))
+        if _futex(self._address, _FUTEX_WAIT, expected, ctypes.byref(spec), None, 0) < 0:
+            code = ctypes.get_errno()
+            # EAGAIN: the word moved before we slept (data is there); ETIMEDOUT: periodic
+            # wake; EINTR: a signal (gunicorn sends several). All mean "go and re-check".
+            if code not in (errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR):
+                raise OSError(code, os.strerror(code))
+
+    def _poll(self, expected: int, timeout: float) -> None:
+        # Bounded polling for kernels without futex: start fast, back off to 10 ms.
+        deadline = time.monotonic() + timeout
+        delay = 0.0002
+        while self._word.value == expected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.01)
+
+    def ring(self) -> None:
+        """Wake every process sleeping on the word (the caller bumped it already)."""
+        if _futex is not None:
+            _futex(self._address, _FUTEX_WAKE, _INT_MAX, None, None, 0)
+
+    def close(self) -> None:
+        # The ctypes object pins the mmap export; drop it so the mapping can be closed.
+        self._word = None
+
+
+# --- a lock that survives its holder ------------------------------------------------------
+
+
+class LockTimeout(Exception):
+    """The lock stayed held by a live process for longer than the caller allowed."""
+
+
+@contextlib.contextmanager
+def flocked(path: str, shared: bool = False) -> Iterator[None]:
+    """Hold ``flock`` on ``path`` (created 0600 if missing). The kernel drops it if we die.
+
+    A fresh open per call: flock belongs to the open file description, so threads sharing
+    one descriptor would not exclude each other.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+class RobustLock:
+    """A named POSIX semaphore used as a mutex, recoverable from a holder killed inside it.
+
+    The holder's pid is stored in the segment header right after acquiring and is left
+    there after release (clearing it would open a window where a live holder looks absent).
+    An acquirer that waits longer than ``check_interval`` looks at that pid; if the process
+    is dead it takes over the dead holder's hold, under ``recovery_guard`` (a flock) so only
+    one waiter can do so, and without posting the semaphore, so there are never two holders.
+
+    Known gap: a holder killed between ``sem_wait`` returning and its pid store leaves the
+    previous holder's pid; if that one is alive, recovery waits for it to die.
+    """
+
+    __slots__ = ("_semaphore", "_owner", "_owner_index", "_guard_path", "check_interval")
+
+    def __init__(self, semaphore: posix_ipc.Semaphore, owner_view, owner_index: int,
+                 guard_path: str, check_interval: float = 0.1):
+        self._semaphore = semaphore
+        self._owner = owner_view
+        self._owner_index = owner_index
+        self._guard_path = guard_path
+        self.check_interval = check_interval
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Block until held. Raises :class:`LockTimeout` after ``timeout`` seconds."""
+        semaphore = self._semaphore
+        try:
+            semaphore.acquire(self.check_interval)
+        except posix_ipc.BusyError:
+            self._acquire_slow(timeout)
+        self._owner[self._owner_index] = _PID.value
+
+    def _acquire_slow(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.recover_from_dead_owner():
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LockTimeout(f"lock held by pid {self.owner_pid} for over {timeout} s")
+            try:
+                self._semaphore.acquire(self.check_interval)
+                return
+            except posix_ipc.BusyError:
+                continue
+
+    @property
+    def owner_pid(self) -> int:
+        return self._owner[self._owner_index]
+
+    def recover_from_dead_owner(self) -> bool:
+        """Take the lock if it is held by a dead process; True if the caller now holds it."""
+        owner = self._owner[self._owner_index]
+        if owner == 0 or process_alive(owner):
+            return False
+        with flocked(self._guard_path):
+            try:
+                self._semaphore.acquire(0)  # freed while we queued for the guard
+                return True
+            except posix_ipc.BusyError:
+                pass
+            if self._owner[self._owner_index] != owner:
+                return False  # another waiter recovered it first
+            self._owner[self._owner_index] = _PID.value
+            return True
+
+    def release_if_dead_owner(self) -> bool:
+        """For supervisors: free a lock whose holder died. True if one was freed."""
+        try:
+            self._semaphore.acquire(0)
+        except posix_ipc.BusyError:
+            if not self.recover_from_dead_owner():
+                return False
+            self._semaphore.release()
+            return True
+        self._semaphore.release()
+        return False
+
+    def release(self) -> None:
+        self._semaphore.release()
+
+    def __enter__(self) -> RobustLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._semaphore.release()
+
+
+class _Pid:
+    """This process's pid, refreshed after fork (gunicorn forks workers)."""
+
+    value = os.getpid()
+
+
+os.register_at_fork(after_in_child=lambda: setattr(_Pid, "value", os.getpid()))
+_PID = _Pid
