@@ -29,3 +29,29 @@ def namespace():
 @pytest.fixture
 def shm_store(namespace):
     return ShmStore(namespace, capacity=64 * 1024, ttl=300)
+
+
+# Backends every store-contract test runs against. The Redis backend adds "redis" here.
+BACKENDS = ["shm"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_factory(request, namespace):
+    """Make stores of the parametrized backend: ``store_factory(capacity=..., ttl=...)``.
+
+    Stores made by one factory share one namespace, as separate processes would."""
+    kind = request.param
+
+    def make(capacity: int = 64 * 1024, ttl: float = 300, **options):
+        if kind == "shm":
+            return ShmStore(namespace, capacity=capacity, ttl=ttl, **options)
+        raise AssertionError(kind)
+
+    make.backend = kind
+    make.namespace = namespace
+    return make
+
+
+@pytest.fixture
+def store(store_factory):
+    return store_factory()
