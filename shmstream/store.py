@@ -185,6 +185,12 @@ class SessionStore(abc.ABC):
     def gc(self, now: float | None = None) -> GCReport:
         """Remove sessions finished more than ``ttl`` ago; abort those whose producer died."""
 
+    def abort_producers(self, pids: Iterable[int] | None = None) -> int:
+        """Finalize as ``aborted`` running sessions whose producer process on this host died
+        (``pids`` None) or is one of ``pids``. Returns how many. Backends that detect dead
+        producers by other means (a lease) may rely on :meth:`gc` and return 0."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release process-local resources (sessions stay in the store)."""
 
