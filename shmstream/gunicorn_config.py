@@ -1,0 +1,36 @@
+"""shmstream's gunicorn configuration, used by ``gunicorn -c gunicorn.conf.py`` (the file in
+the repository root imports this) and by ``shmstream serve`` (``-c python:...``).
+
+Everything comes from the environment: the ``SHMSTREAM_*`` settings of
+:class:`shmstream.config.Settings`, plus ``SHMSTREAM_BIND``, ``SHMSTREAM_WORKERS``,
+``SHMSTREAM_THREADS`` and ``SHMSTREAM_GRACEFUL_TIMEOUT`` for the process model.
+"""
+
+import os
+
+from shmstream import gunicorn_hooks
+
+_cpus = os.cpu_count() or 1
+
+wsgi_app = "shmstream.wsgi:application"
+bind = [os.environ.get("SHMSTREAM_BIND", "127.0.0.1:8080")]
+# gthread: a blocking semaphore/futex wait would stall gevent's hub, and the sync worker
+# kills long streams at its timeout. Every open stream holds one thread.
+worker_class = "gthread"
+workers = int(os.environ.get("SHMSTREAM_WORKERS") or max(2, min(2 * _cpus, 8)))
+threads = int(os.environ.get("SHMSTREAM_THREADS") or 128)
+worker_connections = max(1000, threads * 2)
+# Streams last minutes; the worker heartbeat comes from gthread's main loop, not requests.
+timeout = 60
+graceful_timeout = float(os.environ.get("SHMSTREAM_GRACEFUL_TIMEOUT") or 10)
+keepalive = 5
+# Build the app in each worker after fork: shared memory handles, threads and HTTP pools
+# must not be inherited from the master.
+preload_app = False
+proc_name = "shmstream"
+accesslog = os.environ.get("SHMSTREAM_ACCESS_LOG") or None
+
+when_ready = gunicorn_hooks.when_ready
+child_exit = gunicorn_hooks.child_exit
+on_exit = gunicorn_hooks.on_exit
+on_reload = gunicorn_hooks.on_reload

@@ -1,0 +1,91 @@
+"""gunicorn server hooks: the master's side of shmstream's process model.
+
+- ``when_ready``: start the supervisor child (restarted if it dies), and make SIGTERM,
+  SIGINT and SIGQUIT abort the workers' running sessions before gunicorn stops them, so
+  readers end at once instead of holding the shutdown for the graceful timeout.
+- ``child_exit``: a worker died (crash, SIGKILL, timeout): abort the sessions it produced
+  and release any lock it held, at once, without waiting for the supervisor.
+- ``on_reload`` (SIGHUP): nothing to move; segments live in /dev/shm and old workers finish
+  their streams within the graceful timeout.
+- ``on_exit``: stop the supervisor and abort whatever still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import Settings
+from .supervisor import SupervisorProcess
+
+log = logging.getLogger("shmstream.gunicorn")
+
+_state: dict = {}
+
+
+def _settings() -> Settings:
+    if "settings" not in _state:
+        _state["settings"] = Settings.from_env()
+    return _state["settings"]
+
+
+def _store():
+    # The master opens the store lazily and keeps no mapping open: workers fork from it.
+    if "store" not in _state:
+        _state["store"] = _settings().open_store()
+    return _state["store"]
+
+
+def when_ready(server) -> None:
+    settings = _settings()
+    server.log.info(
+        "shmstream ready: upstream=%s backend=%s namespace=%s max_bytes=%d ttl=%.0fs",
+        settings.upstream or "built-in demo", settings.backend, settings.namespace,
+        settings.max_bytes, settings.ttl,
+    )
+    supervisor = SupervisorProcess(settings)
+    supervisor.start()
+    _state["supervisor"] = supervisor
+    for name in ("handle_term", "handle_int", "handle_quit"):
+        _abort_before(server, name)
+
+
+def _abort_before(server, handler_name: str) -> None:
+    original = getattr(server, handler_name)
+
+    def handler():
+        pids = list(server.WORKERS)
+        try:
+            aborted = _store().abort_producers(pids)
+            server.log.info("shutdown: aborted %d running session(s)", aborted)
+        except Exception:
+            server.log.exception("shutdown: could not abort running sessions")
+        return original()
+
+    setattr(server, handler_name, handler)
+
+
+def child_exit(server, worker) -> None:
+    try:
+        aborted = _store().abort_producers([worker.pid])
+    except Exception:
+        server.log.exception("could not reap sessions of worker %s", worker.pid)
+        return
+    if aborted:
+        server.log.warning("worker %s exited: aborted %d of its running session(s)",
+                           worker.pid, aborted)
+
+
+def on_reload(server) -> None:
+    server.log.info("reload: sessions stay in shared memory")
+
+
+def on_exit(server) -> None:
+    supervisor = _state.pop("supervisor", None)
+    if supervisor is not None:
+        supervisor.stop()
+    try:
+        aborted = _store().abort_producers()
+        if aborted:
+            server.log.info("exit: aborted %d orphaned session(s)", aborted)
+    except Exception:
+        server.log.exception("exit: could not abort running sessions")

@@ -1,0 +1,193 @@
+"""The supervisor: garbage collection and dead-producer reaping for one namespace.
+
+Shaped like gunicorn's arbiter: signal handlers only enqueue, ``handle_<signal>`` methods do
+the work in one main loop with a bounded wait, followed by ``reap`` (dead producers, every
+``REAP_INTERVAL``) and ``collect`` (TTL expiry, every ``gc_interval``) passes.
+
+It runs standalone (``shmstream supervise``) or as a child of the gunicorn master, which
+starts it in ``when_ready``, restarts it if it dies (:class:`SupervisorProcess`) and stops
+it at exit. As a child it asks the kernel to kill it when the master dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from .config import Settings
+from .store import SessionStore
+
+log = logging.getLogger("shmstream.supervisor")
+
+REAP_INTERVAL = 0.5  # seconds: a dead producer's readers end within about this
+PARENT_ENV = "SHMSTREAM_SUPERVISOR_PARENT"  # set when the gunicorn master is the parent
+_PR_SET_PDEATHSIG = 1
+
+
+class Supervisor:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+    def __init__(self, store: SessionStore, gc_interval: float,
+                 reap_interval: float = REAP_INTERVAL):
+        self.store = store
+        self.gc_interval = gc_interval
+        self.reap_interval = reap_interval
+        self.signal_queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.alive = True
+        self.next_gc = 0.0  # collect at once on start: leftovers of a previous run
+
+    # --- signals: enqueue only ---------------------------------------------------------
+    def init_signals(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.signal)
+
+    def signal(self, sig, frame) -> None:
+        self.signal_queue.put_nowait(sig)
+
+    def handle_term(self) -> None:
+        self.alive = False
+
+    handle_int = handle_quit = handle_term
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: collecting now")
+        self.next_gc = 0.0
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        self.init_signals()
+        log.info("supervisor running (pid %d) for %r: gc every %.0f s, reap every %.1f s",
+                 os.getpid(), self.store, self.gc_interval, self.reap_interval)
+        while self.alive:
+            self.run_once()
+            self.wait(self.reap_interval)
+        log.info("supervisor stopping")
+
+    def run_once(self) -> None:
+        """One reap pass, and a GC pass when it is due. Errors are logged, never fatal."""
+        try:
+            self.reap()
+            if time.monotonic() >= self.next_gc:
+                self.collect()
+                self.next_gc = time.monotonic() + self.gc_interval
+        except Exception:
+            log.exception("supervisor pass failed; retrying next round")
+
+    def wait(self, timeout: float) -> None:
+        try:
+            sig = self.signal_queue.get(timeout=timeout)
+        except queue.Empty:
+            return
+        name = signal.Signals(sig).name[3:].lower()
+        getattr(self, f"handle_{name}")()
+
+    def reap(self) -> int:
+        aborted = self.store.abort_producers()
+        if aborted:
+            log.warning("reaped %d session(s) whose producer died", aborted)
+        return aborted
+
+    def collect(self):
+        report = self.store.gc()
+        if report.expired or report.aborted or report.corrupt_removed or report.locks_recovered:
+            log.info("gc: %s", report)
+        return report
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the gunicorn master dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+def supervise(args) -> int:
+    """``shmstream supervise``: run the supervisor in the foreground."""
+    settings = Settings.from_env()
+    if args.namespace:
+        settings = dataclasses.replace(settings, namespace=args.namespace)
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        _die_with_parent(int(parent))
+    supervisor = Supervisor(settings.open_store(), settings.gc_interval)
+    if args.once:
+        supervisor.reap()
+        print(supervisor.collect())
+        return 0
+    supervisor.run()
+    return 0
+
+
+class SupervisorProcess:
+    """The gunicorn master's handle on its supervisor child: start, watch, restart, stop.
+
+    gunicorn's arbiter reaps *every* child with ``waitpid(-1)``, so the watcher cannot rely
+    on ``Popen.wait()``; it checks liveness by pid and start time instead.
+    """
+
+    WATCH_INTERVAL = 0.5
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.start_time = 0
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="shmstream-supervisor-watch",
+                                         daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> None:
+        from .sync import process_start_time
+
+        env = {**os.environ, **self.settings.to_env(), PARENT_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shmstream.cli", "supervise"], env=env, close_fds=True
+        )
+        self.start_time = process_start_time(self.process.pid)
+        log.info("started supervisor pid %d", self.process.pid)
+
+    def alive(self) -> bool:
+        from .sync import process_alive
+
+        return self.process is not None and process_alive(self.process.pid, self.start_time)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.WATCH_INTERVAL):
+            if not self.alive():
+                self.restarts += 1
+                log.error("supervisor died; restarting it (restart #%d)", self.restarts)
+                self._spawn()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout)
+        if self.process is None or not self.alive():
+            return
+        self.process.terminate()
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.alive():
+            self.process.kill()
+        # Reap it ourselves unless the arbiter already did.
+        with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+            self.process.wait(0.5)

@@ -1,0 +1,136 @@
+"""The supervisor as a real process: reaping dead producers, TTL expiry, restart, signals."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shmstream.config import Settings
+from shmstream.layout import State
+from shmstream.registry import ShmStore
+from shmstream.supervisor import Supervisor, SupervisorProcess
+from shmstream.sync import process_alive
+
+
+def _produce_then_hang(namespace: str, conversation_id: str, ready) -> None:
+    session = ShmStore(namespace, capacity=4096).create_or_replace(conversation_id)
+    session.append(b"data: partial\n\n")
+    ready.set()
+    time.sleep(60)
+
+
+def _start_dead_producer(namespace: str, conversation_id: str) -> None:
+    """A process creates a session, appends, and is SIGKILLed (then reaped: no zombie)."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_produce_then_hang, args=(namespace, conversation_id, ready))
+    child.start()
+    assert ready.wait(10)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(5)
+
+
+def _supervise(namespace: str, **env) -> subprocess.Popen:
+    environment = {**os.environ, "SHMSTREAM_NAMESPACE": namespace,
+                   **{k: str(v) for k, v in env.items()}}
+    return subprocess.Popen([sys.executable, "-m", "shmstream.cli", "supervise"],
+                            env=environment, stderr=subprocess.PIPE, text=True)
+
+
+def _stop(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, err = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail("supervisor ignored SIGTERM")
+    return err
+
+
+def test_supervisor_process_reaps_dead_producer_and_wakes_reader(namespace):
+    store = ShmStore(namespace, capacity=4096)
+    supervisor = _supervise(namespace)
+    try:
+        _start_dead_producer(namespace, "chat::m")
+        reader = store.get("chat::m")
+        received = []
+        finished = threading.Event()
+
+        def follow():
+            received.extend(reader.read(0))
+            finished.set()
+
+        started = time.monotonic()
+        threading.Thread(target=follow, daemon=True).start()
+        assert finished.wait(5), "reader still blocked on a dead producer's session"
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.0
+        assert b"".join(received) == b"data: partial\n\n"
+        assert reader.info().state is State.ABORTED
+        reader.close()
+    finally:
+        err = _stop(supervisor)
+    assert supervisor.returncode == 0, err
+    assert "producer pid" in err  # the reap is logged
+
+
+def test_supervisor_expires_finished_sessions_after_ttl(namespace):
+    store = ShmStore(namespace, capacity=4096)
+    session = store.create_or_replace("old")
+    session.append(b"x")
+    session.finalize()
+    session.close()
+    store.create_or_replace("running").close()
+    supervisor = _supervise(namespace, SHMSTREAM_TTL=0.3, SHMSTREAM_GC_INTERVAL=0.2)
+    try:
+        deadline = time.monotonic() + 5
+        while store.get("old") is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.get("old") is None
+        running = store.get("running")
+        assert running is not None and running.info().state is State.RUNNING
+        running.close()
+    finally:
+        _stop(supervisor)
+
+
+def test_supervisor_loop_handles_signals_in_main_loop(namespace):
+    supervisor = Supervisor(ShmStore(namespace), gc_interval=60, reap_interval=0.05)
+    supervisor.init_signals()
+    try:
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        started = time.monotonic()
+        supervisor.run()
+        assert time.monotonic() - started < 3
+        assert not supervisor.alive
+    finally:
+        for sig in Supervisor.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT
+                          else signal.default_int_handler)
+
+
+def test_supervisor_process_handle_restarts_a_killed_supervisor(namespace):
+    handle = SupervisorProcess(Settings(namespace=namespace))
+    handle.start()
+    try:
+        first = handle.process.pid
+        assert process_alive(first)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while (handle.process.pid == first or not handle.alive()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handle.process.pid != first and handle.alive()
+        assert handle.restarts == 1
+    finally:
+        handle.stop()
+    assert not handle.alive()
