@@ -179,14 +179,15 @@ class RobustLock:
 
     def acquire(self, timeout: float | None = None) -> None:
         """Block until held. Raises :class:`LockTimeout` after ``timeout`` seconds."""
-        semaphore = self._semaphore
         try:
-            semaphore.acquire(self.check_interval)
+            self._semaphore.acquire(self.check_interval)
         except posix_ipc.BusyError:
-            self._acquire_slow(timeout)
+            self.acquire_contended(timeout)
         self._owner[self._owner_index] = _PID.value
 
-    def _acquire_slow(self, timeout: float | None) -> None:
+    def acquire_contended(self, timeout: float | None = None) -> None:
+        """The slow path, after one ``check_interval`` wait failed: recover from a dead
+        holder or keep waiting. The caller records itself as owner afterwards."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.recover_from_dead_owner():
