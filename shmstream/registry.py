@@ -222,6 +222,63 @@ class ShmStore(SessionStore):
                  " (replaced a live one)" if replaced else "")
         return ShmSession(seg, conversation_id)
 
+    def restore(
+        self,
+        conversation_id: str,
+        data: bytes,
+        *,
+        total: int,
+        state: State,
+        started_at_us: int,
+        completed_at_us: int,
+        metadata: dict | None = None,
+        capacity: int | None = None,
+    ) -> ShmSession:
+        """Create a finished session holding ``data`` as its stream bytes ``[total -
+        len(data), total)``, for ``shmstream load``: offsets stay those of the dumped
+        session, so ``GET from=N`` answers the same (below ``total - len(data)`` it is
+        OffsetLost). It has no producer (pid 0). A session with this id is replaced, as
+        by :meth:`create_or_replace`.
+
+        ``capacity`` defaults to the store's; when bytes were dropped the ring was full,
+        so it must be ``len(data)``. Raises ValueError for such an inconsistency or a
+        running ``state``, and what :meth:`create_or_replace` raises. Nothing is left
+        behind after a failure, and no process can open the session half-restored.
+        """
+        capacity = self.capacity if capacity is None else capacity
+        state = State(state)
+        if not state.is_terminal:
+            raise ValueError("a restored session must be in a terminal state")
+        if capacity <= 0 or len(data) > capacity or len(data) > total:
+            raise ValueError(f"{len(data)} bytes do not fit a ring of {capacity} bytes "
+                             f"ending at offset {total}")
+        dropped = total - len(data)
+        if dropped != ring.dropped_for(total, capacity):
+            raise ValueError(f"{dropped} dropped bytes need a full ring of {len(data)} "
+                             f"bytes, not {capacity}")
+        record = {**(metadata or {}), "id": conversation_id}
+        name = segment.segment_name(self.namespace, conversation_id)
+        with flocked(self._registry_lock):
+            self._retire(name, cancel=True)
+            self._check_quota(conversation_id)
+            seg = segment.create(
+                self.namespace, conversation_id, capacity=capacity, metadata=record,
+                started_at_us=started_at_us, producer_pid=0, producer_start=0,
+            )
+            try:
+                q, i = seg.header.q, seg.header.i
+                with seg.lock:  # filled before the registry lock lets anyone open it
+                    q[_TOTAL_Q] = ring.write(seg.header.ring, capacity, dropped, data)
+                    q[_DROPPED_Q] = dropped
+                    q[_COMPLETED_AT_Q] = completed_at_us
+                    i[_STATE_I] = state
+            except BaseException:
+                seg.close()
+                segment.unlink(name)
+                raise
+        log.info("session restored id=%s", segment.short_hash(conversation_id))
+        return ShmSession(seg, conversation_id)
+
     def _check_quota(self, conversation_id: str) -> None:
         if self.max_sessions is None and self.max_shm_bytes is None:
             return
