@@ -22,7 +22,7 @@ threads = int(os.environ.get("SHMSTREAM_THREADS") or 128)
 worker_connections = max(1000, threads * 2)
 # Streams last minutes; the worker heartbeat comes from gthread's main loop, not requests.
 timeout = 60
-graceful_timeout = float(os.environ.get("SHMSTREAM_GRACEFUL_TIMEOUT") or 10)
+graceful_timeout = int(os.environ.get("SHMSTREAM_GRACEFUL_TIMEOUT") or 10)
 keepalive = 5
 # Build the app in each worker after fork: shared memory handles, threads and HTTP pools
 # must not be inherited from the master.
