@@ -28,6 +28,9 @@ keepalive = 5
 # must not be inherited from the master.
 preload_app = False
 proc_name = "shmstream"
+# gunicorn 23+'s control socket defaults to one path per user: two services (or parallel
+# test runs) would fight over it. shmstream's own tools read shared memory instead.
+control_socket_disable = True
 accesslog = os.environ.get("SHMSTREAM_ACCESS_LOG") or None
 
 when_ready = gunicorn_hooks.when_ready

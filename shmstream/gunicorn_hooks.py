@@ -36,6 +36,13 @@ def _store():
 
 
 def when_ready(server) -> None:
+    # Route shmstream's own loggers in the master through gunicorn's error log.
+    package_log = logging.getLogger("shmstream")
+    if not package_log.handlers:
+        for handler in server.log.error_log.handlers:
+            package_log.addHandler(handler)
+        package_log.setLevel(server.log.error_log.level)
+        package_log.propagate = False
     settings = _settings()
     server.log.info(
         "shmstream ready: upstream=%s backend=%s namespace=%s max_bytes=%d ttl=%.0fs",
