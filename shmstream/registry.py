@@ -92,6 +92,7 @@ class ShmSession(Session):
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
         finally:
+            q[_LOCK_OWNER_Q] = 0
             self._semaphore.release()
         if waiters:
             self._doorbell.ring()

@@ -157,14 +157,17 @@ def flocked(path: str, shared: bool = False) -> Iterator[None]:
 class RobustLock:
     """A named POSIX semaphore used as a mutex, recoverable from a holder killed inside it.
 
-    The holder's pid is stored in the segment header right after acquiring and is left
-    there after release (clearing it would open a window where a live holder looks absent).
-    An acquirer that waits longer than ``check_interval`` looks at that pid; if the process
-    is dead it takes over the dead holder's hold, under ``recovery_guard`` (a flock) so only
-    one waiter can do so, and without posting the semaphore, so there are never two holders.
+    The holder's pid is stored in the segment header right after acquiring and cleared to
+    0 right before releasing. An acquirer that waits longer than ``check_interval`` looks
+    at that pid; if it names a dead process, the waiter takes over the dead holder's hold,
+    under a flock so only one waiter can do so, and without posting the semaphore, so
+    there are never two holders. A 0 means "a live holder between its semaphore call and
+    its pid store" and is never recovered from: a stale pid of an earlier holder (which
+    may have exited since) must never be mistaken for the current one, even when a live
+    holder thread is descheduled for a long time between the two steps.
 
-    Known gap: a holder killed between ``sem_wait`` returning and its pid store leaves the
-    previous holder's pid; if that one is alive, recovery waits for it to die.
+    Known gap: a holder killed in that instant between ``sem_wait`` and its pid store
+    leaves the lock held with owner 0 for good (a window of two bytecodes).
     """
 
     __slots__ = ("_semaphore", "_owner", "_owner_index", "_guard_path", "check_interval")
@@ -221,18 +224,24 @@ class RobustLock:
             return True
 
     def release_if_dead_owner(self) -> bool:
-        """For supervisors: free a lock whose holder died. True if one was freed."""
+        """For supervisors: free a lock whose holder died. True if one was freed.
+
+        A busy lock gets ``check_interval`` to free up first, as in :meth:`acquire`: a live
+        process that has just taken the semaphore stores its pid a moment later, and until
+        then the field still names the previous holder, who may be dead.
+        """
         try:
-            self._semaphore.acquire(0)
+            self._semaphore.acquire(self.check_interval)
         except posix_ipc.BusyError:
             if not self.recover_from_dead_owner():
                 return False
-            self._semaphore.release()
+            self.release()
             return True
-        self._semaphore.release()
+        self._semaphore.release()  # never ours to record: we held it for no time
         return False
 
     def release(self) -> None:
+        self._owner[self._owner_index] = 0
         self._semaphore.release()
 
     def __enter__(self) -> RobustLock:
@@ -240,7 +249,7 @@ class RobustLock:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._semaphore.release()
+        self.release()
 
 
 class _Pid:
