@@ -98,9 +98,10 @@ def raw_path(environ: dict) -> tuple[bytes, bool]:
 def query_params(environ: dict) -> dict[str, bytes]:
     """The query's parameters (first value wins, like llama-server's), decoded to bytes."""
     params: dict[str, bytes] = {}
-    for key, value in parse_qsl(wsgi_bytes(environ.get("QUERY_STRING", "")),
-                                keep_blank_values=True):
-        params.setdefault(key.decode("latin-1"), value)
+    # latin-1 both ways: every percent-decoded byte maps to one character and back.
+    for key, value in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                                encoding="latin-1"):
+        params.setdefault(key, value.encode("latin-1"))
     return params
 
 
