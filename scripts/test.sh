@@ -3,5 +3,20 @@
 # when run as root), then run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# redis-server for the Redis backend's tests (the fixture starts a private one on a free
+# loopback port; nothing is started here). Without it those tests are skipped.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing redis-server" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            redis-server >/dev/null
+    else
+        echo "test.sh: redis-server not found (and not root with apt-get):" \
+             "the Redis backend tests will be skipped" >&2
+    fi
+fi
+
 . scripts/_venv.sh
 exec "$VENV/bin/python" -m pytest "$@"

@@ -31,8 +31,51 @@ def shm_store(namespace):
     return ShmStore(namespace, capacity=64 * 1024, ttl=300)
 
 
-# Backends every store-contract test runs against. The Redis backend adds "redis" here.
-BACKENDS = ["shm"]
+# Backends every store-contract test runs against.
+BACKENDS = ["shm", "redis"]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A private ``redis-server`` on a free loopback port for the whole test session
+    (persistence off). Skips when ``redis-server`` is not installed (scripts/test.sh
+    installs it)."""
+    from shmstream.redis_backend import LocalRedisServer
+
+    if not LocalRedisServer.available():
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    server = LocalRedisServer()
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def redis_stores(request, namespace):
+    """Make Redis stores on the test namespace: ``redis_stores(capacity=..., lease=...)``.
+
+    At teardown every store made is closed and every key of the namespace deleted."""
+    from shmstream.redis_backend import RedisStore
+
+    url = request.getfixturevalue("redis_url")
+    made = []
+
+    def make(capacity: int = 64 * 1024, ttl: float = 300, **options):
+        store = RedisStore.from_url(url, namespace=namespace, capacity=capacity, ttl=ttl,
+                                    **options)
+        made.append(store)
+        return store
+
+    make.url = url
+    make.namespace = namespace
+    yield make
+    for store in made:
+        store.close()
+    cleaner = RedisStore.from_url(url, namespace=namespace)
+    cleaner.purge()
+    left = list(cleaner._redis.scan_iter(match=f"shmstream:{{{namespace}}}:*"))
+    cleaner.close()
+    assert left == [], "test left Redis keys behind"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -41,10 +84,13 @@ def store_factory(request, namespace):
 
     Stores made by one factory share one namespace, as separate processes would."""
     kind = request.param
+    redis_make = request.getfixturevalue("redis_stores") if kind == "redis" else None
 
     def make(capacity: int = 64 * 1024, ttl: float = 300, **options):
         if kind == "shm":
             return ShmStore(namespace, capacity=capacity, ttl=ttl, **options)
+        if kind == "redis":
+            return redis_make(capacity=capacity, ttl=ttl, **options)
         raise AssertionError(kind)
 
     make.backend = kind

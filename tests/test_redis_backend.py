@@ -1,0 +1,425 @@
+"""Redis-only behaviour: leases, cross-process cancel latency, replace races, no keyspace
+scans, pub/sub recovery. The backend-agnostic behaviour is in test_store_contract.py."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from shmstream import State
+from shmstream.config import Settings
+from shmstream.redis_backend import RedisStore
+
+pytestmark = pytest.mark.usefixtures("redis_url")
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def run_python(code: str, *args: str) -> subprocess.Popen:
+    """A fresh interpreter running ``code`` (with ``sys.argv[1:] == args``)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+class Reader(threading.Thread):
+    def __init__(self, session, offset: int = 0):
+        super().__init__(daemon=True)
+        self.session = session
+        self.offset = offset
+        self.data = bytearray()
+        self.error: BaseException | None = None
+        self.ended_at: float | None = None
+
+    def run(self):
+        try:
+            for chunk in self.session.read(self.offset):
+                self.data += chunk
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+def test_expired_lease_aborts_the_session_and_ends_a_blocked_reader(redis_stores):
+    producer_store = redis_stores(lease=0.4)
+    reader_store = redis_stores()
+    producer = producer_store.create_or_replace("orphan")
+    producer.append(b"before the crash")
+    reader = Reader(reader_store.get("orphan"))
+    reader.start()
+    assert wait_until(lambda: bytes(reader.data) == b"before the crash")
+    time.sleep(1.0)  # renewals keep it alive well past one lease
+    assert reader.is_alive()
+    assert producer.info().state is State.RUNNING and producer.info().producer_alive
+
+    died_at = time.monotonic()
+    producer_store.close()  # its lease thread stops: the producer is "dead"
+    reader.join(10)
+    assert not reader.is_alive(), "the reader kept waiting on a dead producer's session"
+    assert reader.error is None
+    # lease (0.4 s) + an idle reader's recheck (1 s) + one wake interval, with slack
+    assert reader.ended_at - died_at < 3.0
+    info = reader_store.get("orphan").info()
+    assert info.state is State.ABORTED and not info.producer_alive
+    assert bytes(reader.data) == b"before the crash"
+
+
+def test_gc_aborts_sessions_of_a_killed_producer_process(redis_stores):
+    store = redis_stores()
+    child = run_python(
+        """
+        import sys, time
+        from shmstream.redis_backend import RedisStore
+        store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease=0.3)
+        session = store.create_or_replace("killed")
+        session.append(b"x")
+        print("ready", flush=True)
+        time.sleep(60)
+        """,
+        redis_stores.url, redis_stores.namespace,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.6)
+        assert store.gc().aborted == 0  # renewed: alive
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        time.sleep(0.5)
+        report = store.gc()
+        assert report.aborted == 1
+        assert store.get("killed").info().state is State.ABORTED
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+
+
+def test_abort_producers_reaps_a_dead_local_process_at_once(redis_stores):
+    store = redis_stores(lease=60)
+    child = run_python(
+        """
+        import os, sys
+        from shmstream.redis_backend import RedisStore
+        store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease=60)
+        store.create_or_replace("exited").append(b"x")
+        store.create_or_replace("exited-too")
+        print(os.getpid(), flush=True)
+        os._exit(0)  # no finalize, no close
+        """,
+        redis_stores.url, redis_stores.namespace,
+    )
+    pid = int(child.stdout.readline())
+    child.wait(10)
+    child.stdout.close()
+    child.stderr.close()
+    mine = store.create_or_replace("alive-here")
+    assert store.abort_producers([pid + 100_000]) == 0  # not a producer of anything
+    assert store.abort_producers() == 2  # dead: aborted without waiting a minute
+    assert store.get("exited").info().state is State.ABORTED
+    assert mine.info().state is State.RUNNING
+    assert store.abort_producers([os.getpid()]) == 1  # a worker being stopped
+    assert mine.producer_should_stop
+
+
+# --- cancel across processes ----------------------------------------------------------------
+
+
+def test_cancel_from_another_process_reaches_the_producer_fast(redis_stores):
+    """A producer in another process polls producer_should_stop; we cancel from here."""
+    store = redis_stores()
+    child = run_python(
+        """
+        import sys, time
+        from shmstream.redis_backend import RedisStore
+        store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2])
+        for round in range(int(sys.argv[3])):
+            session = store.create_or_replace(f"stop-{round}")
+            while not session.producer_should_stop:  # the flag is local: spin cheaply
+                time.sleep(0.0005)
+            print(time.monotonic(), flush=True)  # CLOCK_MONOTONIC is system-wide
+            session.close()
+        """,
+        redis_stores.url, redis_stores.namespace, "10",
+    )
+    latencies = []
+    try:
+        for round_ in range(10):
+            assert wait_until(lambda r=round_: store.get(f"stop-{r}") is not None, timeout=10)
+            time.sleep(0.05)  # the producer is polling by now
+            cancelled_at = time.monotonic()
+            assert store.evict_and_cancel(f"stop-{round_}") is True
+            seen_at = float(child.stdout.readline())
+            latencies.append(seen_at - cancelled_at)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    worst = max(latencies)
+    assert worst < 1.0, f"cancel latencies {latencies}"
+    assert statistics.median(latencies) < 0.25, f"cancel latencies {latencies}"
+
+
+def test_producer_should_stop_is_a_local_read_once_subscribed(redis_stores):
+    store = redis_stores()
+    session = store.create_or_replace("cheap")
+    calls = []
+    original = store._redis.hmget
+    store._redis.hmget = lambda *a, **k: calls.append(a) or original(*a, **k)
+    assert wait_until(lambda: session._control.confirmed)
+    for _ in range(1000):
+        assert session.producer_should_stop is False
+    assert len(calls) <= 1  # one check after the subscription was confirmed, then none
+    store.get("cheap").cancel()
+    assert wait_until(lambda: session.producer_should_stop, timeout=1.0)
+
+
+# --- one live session per id ----------------------------------------------------------------
+
+
+def test_two_stores_racing_create_or_replace_leave_one_live_session(redis_stores):
+    stores = [redis_stores(), redis_stores()]
+    rounds = 30
+    for round_ in range(rounds):
+        conversation_id = f"race-{round_ % 3}"
+        barrier = threading.Barrier(2)
+        made = [None, None]
+
+        def create(index, conversation_id=conversation_id, barrier=barrier, made=made):
+            barrier.wait()
+            made[index] = stores[index].create_or_replace(conversation_id)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        states = [session.info().state for session in made]
+        assert sorted(states) == [State.RUNNING, State.CANCELLED]
+        loser = made[states.index(State.CANCELLED)]
+        assert wait_until(lambda loser=loser: loser.producer_should_stop, timeout=1.0)
+        live = [info for info in stores[0].lookup([conversation_id])
+                if info.state is State.RUNNING]
+        assert len(live) == 1
+        current = stores[1].get(conversation_id)
+        winner = made[states.index(State.RUNNING)]
+        assert current.generation == winner.generation
+        for session in (*made, current):
+            session.close()
+
+
+def test_processes_racing_create_or_replace_leave_one_live_session(redis_stores):
+    code = """
+        import sys
+        from shmstream.redis_backend import RedisStore
+        store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2])
+        for _ in range(200):
+            store.create_or_replace("contended").append(b"x")
+        store.close()
+        """
+    children = [run_python(code, redis_stores.url, redis_stores.namespace) for _ in range(3)]
+    for child in children:
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+    store = redis_stores()
+    infos = store.list()
+    assert len(infos) == 1 and infos[0].conversation_id == "contended"
+    assert infos[0].state is State.RUNNING  # its store closed, but the lease still runs
+
+
+def test_a_replaced_generation_keeps_its_own_bytes(redis_stores):
+    store = redis_stores()
+    old = store.create_or_replace("gen")
+    old.append(b"old")
+    old_reader = store.get("gen")
+    new = store.create_or_replace("gen")
+    new.append(b"brand new")
+    assert old.append(b"!") is False
+    assert b"".join(old_reader.read(0)) == b"old"
+    assert b"".join(store.get("gen").read(0, should_stop=lambda: True)) == b""
+    current = store.get("gen")
+    assert current.generation == new.generation != old.generation
+    new.finalize()
+    assert b"".join(current.read(0)) == b"brand new"
+    for session in (old, old_reader, new, current):
+        session.close()
+
+
+# --- lookup, expiry ---------------------------------------------------------------------
+
+
+def test_lookup_never_scans_the_keyspace(redis_stores):
+    store = redis_stores()
+    sessions = [store.create_or_replace(name) for name in ("scan::a", "scan::b", "other")]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lookup scanned the keyspace")
+
+    for name in ("scan", "scan_iter", "keys"):
+        setattr(store._redis, name, refuse)
+    found = sorted(info.conversation_id for info in store.lookup(["scan", "nothing"]))
+    assert found == ["scan::a", "scan::b"]
+    for session in sessions:
+        session.close()
+
+
+def test_finished_sessions_expire_through_redis_and_gc_cleans_the_index(redis_stores):
+    store = redis_stores(ttl=0.3)
+    session = store.create_or_replace("short-lived::m")
+    session.append(b"bye")
+    session.finalize()
+    assert store.get("short-lived::m") is not None
+    time.sleep(0.6)
+    assert store.get("short-lived::m") is None  # Redis expired the keys, no gc needed
+    assert store.lookup(["short-lived"]) == []
+    report = store.gc()
+    assert report.expired == 1 and report.kept == 0
+    leftovers = list(store._redis.scan_iter(match=f"{store._prefix}*"))
+    assert leftovers == []  # index field and zset entry are gone too
+
+
+def test_quota_counts_live_and_retained_sessions(redis_stores):
+    from shmstream.errors import StoreUnavailable
+
+    store = redis_stores(max_sessions=2)
+    first = store.create_or_replace("q1")
+    second = store.create_or_replace("q2")
+    with pytest.raises(StoreUnavailable):
+        store.create_or_replace("q3")
+    replaced = store.create_or_replace("q2")  # a replacement does not need a new slot
+    store.evict("q1")
+    third = store.create_or_replace("q3")
+    for session in (first, second, replaced, third):
+        session.close()
+
+
+# --- readers ----------------------------------------------------------------------------
+
+
+def test_an_idle_reader_does_not_poll_redis(redis_stores):
+    store = redis_stores()
+    producer = store.create_or_replace("idle")
+    reader_handle = store.get("idle")
+    fetches = []
+    script = store._scripts["fetch"]
+    store._scripts["fetch"] = lambda *a, **k: fetches.append(1) or script(*a, **k)
+    reader = Reader(reader_handle)
+    reader.start()
+    time.sleep(2.0)  # ten 200 ms wake-ups
+    assert len(fetches) <= 6, f"{len(fetches)} fetches in 2 s of silence"
+    producer.append(b"late")
+    assert wait_until(lambda: bytes(reader.data) == b"late", timeout=1.0)
+    producer.finalize()
+    reader.join(5)
+    assert not reader.is_alive()
+
+
+def test_readers_recover_when_the_pubsub_connection_is_killed(redis_stores):
+    store = redis_stores()
+    producer = store.create_or_replace("resilient")
+    reader = Reader(store.get("resilient"))
+    reader.start()
+    producer.append(b"one ")
+    assert wait_until(lambda: bytes(reader.data) == b"one ")
+    assert store._redis.client_kill_filter(_type="pubsub") >= 1
+    producer.append(b"two")
+    assert wait_until(lambda: bytes(reader.data) == b"one two", timeout=3.0)
+    producer.finalize()
+    reader.join(5)
+    assert not reader.is_alive() and reader.error is None
+
+
+def test_reader_processes_get_exactly_the_producers_bytes(redis_stores):
+    store = redis_stores(capacity=1 << 20)
+    producer = store.create_or_replace("multi")
+    code = """
+        import hashlib, sys
+        from shmstream.redis_backend import RedisStore
+        store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2])
+        session = store.get("multi")
+        digest, size = hashlib.sha256(), 0
+        for chunk in session.read(0):
+            digest.update(chunk)
+            size += len(chunk)
+        print(size, digest.hexdigest(), flush=True)
+        """
+    children = [run_python(code, redis_stores.url, redis_stores.namespace) for _ in range(4)]
+    expected = bytearray()
+    for index in range(3000):
+        chunk = f"data: {index} {'x' * (index % 50)}\n\n".encode()
+        expected += chunk
+        producer.append(chunk)
+    producer.finalize()
+    import hashlib
+
+    want = f"{len(expected)} {hashlib.sha256(expected).hexdigest()}"
+    for child in children:
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert out.strip() == want
+
+
+# --- wiring -------------------------------------------------------------------------------
+
+
+def test_settings_open_a_redis_store(redis_stores):
+    settings = Settings(backend=redis_stores.url, namespace=redis_stores.namespace,
+                        max_bytes=4096, ttl=7, max_sessions=5)
+    store = settings.open_store()
+    try:
+        assert isinstance(store, RedisStore)
+        assert (store.capacity, store.ttl, store.max_sessions) == (4096, 7, 5)
+        session = store.create_or_replace("configured")
+        assert session.append(b"ok")
+        session.finalize()
+    finally:
+        store.close()
+    other = redis_stores()
+    assert b"".join(other.get("configured").read(0)) == b"ok"
+
+
+def test_a_store_pickles_and_forks(redis_stores):
+    store = redis_stores()
+    store.create_or_replace("before-fork").append(b"parent")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.namespace == store.namespace and clone.capacity == store.capacity
+    clone.close()
+    pid = os.fork()
+    if pid == 0:  # the child reuses the parent's store object: it must start its own threads
+        code = 1
+        try:
+            session = store.create_or_replace("in-child")
+            session.append(b"child")
+            session.finalize()
+            reader = store.get("before-fork")
+            got = []
+            for chunk in reader.read(0, should_stop=lambda: bool(got)):
+                got.append(chunk)
+            code = 0 if got == [b"parent"] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert b"".join(store.get("in-child").read(0)) == b"child"
