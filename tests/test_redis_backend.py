@@ -323,8 +323,14 @@ def test_an_idle_reader_does_not_poll_redis(redis_stores):
     producer = store.create_or_replace("idle")
     reader_handle = store.get("idle")
     fetches = []
-    script = store._scripts["fetch"]
-    store._scripts["fetch"] = lambda *a, **k: fetches.append(1) or script(*a, **k)
+    evalsha = store._hot.evalsha
+
+    def counting(script, *args, **kwargs):
+        if script is store._scripts["fetch"]:
+            fetches.append(1)
+        return evalsha(script, *args, **kwargs)
+
+    store._hot.evalsha = counting
     reader = Reader(reader_handle)
     reader.start()
     time.sleep(2.0)  # ten 200 ms wake-ups
@@ -379,6 +385,20 @@ def test_reader_processes_get_exactly_the_producers_bytes(redis_stores):
         out, err = child.communicate(timeout=60)
         assert child.returncode == 0, err
         assert out.strip() == want
+
+
+def test_streaming_survives_a_script_flush_and_a_dropped_idle_connection(redis_stores):
+    store = redis_stores()
+    producer = store.create_or_replace("flushed")
+    assert producer.append(b"one ")
+    store._redis.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+    assert producer.append(b"two ")
+    killed = store._redis.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1  # the append/fetch connection among them
+    time.sleep(1.1)  # idle long enough to be checked before the next (unretried) append
+    assert producer.append(b"three")
+    producer.finalize()
+    assert b"".join(store.get("flushed").read(0)) == b"one two three"  # each byte once
 
 
 # --- wiring -------------------------------------------------------------------------------

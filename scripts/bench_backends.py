@@ -1,0 +1,444 @@
+#!/usr/bin/env python3
+"""Benchmark the shared-memory and Redis backends side by side, through the store interface.
+
+The same workloads run on each backend in one run, with the same event size and counts:
+appends/s of 200 B events, producer -> reader latency across processes (p50/p99), one
+producer fanning out to 1/10/100 reader processes (chunks delivered per second), and the
+replay of a full 4 MiB session by a fresh handle. Prints a table with the ratio per row, or
+one JSON object with ``--json``. Starts its own ``redis-server`` on a free loopback port
+(persistence off) and removes everything it made at exit.
+
+    .venv/bin/python scripts/bench_backends.py            # full run (about a minute)
+    .venv/bin/python scripts/bench_backends.py --quick    # a few seconds per backend
+    .venv/bin/python scripts/bench_backends.py --json --backends redis
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shmstream import OffsetLost
+from shmstream.registry import ShmStore
+
+EVENT = b"x" * 199 + b"\n"  # 200 B
+MIB = 1024 * 1024
+CHILD_DEADLINE = 300.0  # a child gives up after this long, whatever happens to the parent
+# Children come from a fork server with the backends preloaded: cheap to start, and never
+# forked from a parent whose Redis listener/lease threads hold locks at that moment.
+CTX = multiprocessing.get_context("forkserver")
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC is one clock for every process on the host: deltas across processes
+    are meaningful."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def progress(message: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{message}")
+        sys.stderr.flush()
+
+
+def open_store(backend: str, namespace: str, capacity: int = 4 * MIB):
+    """``backend`` is "shm" or a redis:// URL; any process can call this."""
+    if backend == "shm":
+        return ShmStore(namespace, capacity=capacity)
+    from shmstream.redis_backend import RedisStore
+
+    return RedisStore.from_url(backend, namespace=namespace, capacity=capacity)
+
+
+def purge(backend: str, namespace: str) -> None:
+    store = open_store(backend, namespace)
+    store.purge()
+    store.close()
+
+
+def child_setup() -> float:
+    """Children ignore Ctrl-C (the parent cleans up) and return their deadline."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return time.monotonic() + CHILD_DEADLINE
+
+
+class Children:
+    """Started processes, all killed and reaped by :meth:`reap`."""
+
+    def __init__(self):
+        self.started: list = []
+
+    def start(self, target, *args):
+        process = CTX.Process(target=target, args=args, daemon=True)
+        process.start()
+        self.started.append(process)
+        return process
+
+    def reap(self) -> None:
+        for process in self.started:
+            if process.is_alive():
+                process.kill()
+        for process in self.started:
+            process.join(10)
+        self.started.clear()
+
+
+# --- children -------------------------------------------------------------------------------
+
+
+def _counting_reader(backend: str, namespace: str, conversation_id: str, ready, results):
+    """Take the first chunk (the session's opening byte), say so, then read to the end; a
+    lapped reader skips to the oldest held byte and counts the loss."""
+    deadline = child_setup()
+    store = open_store(backend, namespace)
+    session = store.get(conversation_id)
+    received = lost = 0
+    offset = 0
+    announced = False
+    while True:
+        try:
+            for chunk in session.read(offset, should_stop=lambda: time.monotonic() > deadline):
+                received += len(chunk)
+                offset += len(chunk)
+                if not announced:  # the loop is now about to wait for the producer
+                    announced = True
+                    ready.put(os.getpid())
+            break
+        except OffsetLost:
+            dropped = session.info().dropped_bytes
+            lost += dropped - offset
+            offset = dropped
+    results.put((received - 1, lost, monotonic_ns()))
+    session.close()
+    store.close()
+
+
+def _latency_reader(backend: str, namespace: str, results) -> None:
+    """Note how late each timestamp on "ping" arrived; acknowledge each on "pong"."""
+    deadline = child_setup()
+    store = open_store(backend, namespace, capacity=MIB)
+    ping, pong = store.get("ping"), store.get("pong")
+    delays = []
+    for chunk in ping.read(0, should_stop=lambda: time.monotonic() > deadline):
+        arrived = monotonic_ns()
+        delays.append(arrived - int.from_bytes(chunk[-8:], "little"))
+        pong.append(b"k")
+    results.put(delays)
+    ping.close()
+    pong.close()
+    store.close()
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+def append_rate(session, seconds: float, max_events: int) -> tuple[float, int]:
+    """Append 200 B events for about ``seconds`` (at most ``max_events``): (rate, count)."""
+    append = session.append
+    payload = EVENT
+    count = 0
+    started = time.perf_counter()
+    stop_at = started + seconds
+    while count < max_events:
+        for _ in range(500):
+            append(payload)
+        count += 500
+        if time.perf_counter() >= stop_at:
+            break
+    return count / (time.perf_counter() - started), count
+
+
+def bench_appends(backend: str, namespace: str, seconds: float, repeat: int) -> dict:
+    store = open_store(backend, namespace)
+    rates = []
+    for run in range(repeat):
+        progress(f"{label(backend)}: appends, run {run + 1}/{repeat}")
+        session = store.create_or_replace(f"solo-{run}")
+        append_rate(session, min(0.2, seconds), 10**9)  # warm up (script cache, pages)
+        rate, _ = append_rate(session, seconds, 10**9)
+        rates.append(rate)
+        session.finalize()
+        session.close()
+        store.evict(f"solo-{run}")
+    store.close()
+    return {"appends_per_s": max(rates)}
+
+
+def bench_latency(backend: str, namespace: str, samples: int, pause: float,
+                  children: Children) -> dict:
+    """Ping-pong: one timestamped append, the reader process acknowledges, a pause lets it
+    fall asleep again, so every sample measures a wake-up of a sleeping reader."""
+    store = open_store(backend, namespace, capacity=MIB)
+    ping, pong = store.create_or_replace("ping"), store.create_or_replace("pong")
+    results = CTX.Queue()
+    reader = children.start(_latency_reader, backend, namespace, results)
+    acks = pong.read(0)
+    padding = EVENT[:-8]
+    for index in range(samples):
+        if index % 256 == 0:
+            progress(f"{label(backend)}: latency {index}/{samples}")
+        time.sleep(pause)
+        ping.append(padding + monotonic_ns().to_bytes(8, "little"))
+        next(acks)
+    ping.finalize()
+    delays = sorted(results.get(timeout=CHILD_DEADLINE))
+    reader.join(10)
+    acks.close()
+    for session in (ping, pong):
+        session.close()
+    store.evict("ping")
+    store.evict("pong")
+    store.close()
+    return {
+        "latency_p50_us": delays[len(delays) // 2] / 1000,
+        "latency_p99_us": delays[min(len(delays) - 1, int(len(delays) * 0.99))] / 1000,
+        "latency_max_us": delays[-1] / 1000,
+        "latency_samples": len(delays),
+    }
+
+
+def bench_fanout(backend: str, namespace: str, readers: int, events: int,
+                 children: Children) -> dict:
+    capacity = max(4 * MIB, events * len(EVENT) + MIB)  # every reader can get every byte
+    store = open_store(backend, namespace, capacity=capacity)
+    conversation_id = f"fanout-{readers}"
+    session = store.create_or_replace(conversation_id)
+    session.append(b"#")  # each reader takes this, then reports that it waits
+    ready, results = CTX.Queue(), CTX.Queue()
+    processes = [children.start(_counting_reader, backend, namespace, conversation_id, ready,
+                                results) for _ in range(readers)]
+    for index in range(readers):
+        progress(f"{label(backend)}: fan-out, {index}/{readers} readers waiting")
+        ready.get(timeout=CHILD_DEADLINE)
+    time.sleep(0.1 + readers * 0.002)  # from "about to wait" to asleep
+    progress(f"{label(backend)}: fan-out to {readers} readers")
+    started = monotonic_ns()
+    producer_rate, _ = append_rate(session, 3600.0, events)
+    session.finalize()
+    outcomes = [results.get(timeout=CHILD_DEADLINE) for _ in range(readers)]
+    for process in processes:
+        process.join(10)
+    finished = max(end for _, _, end in outcomes)
+    seconds = (finished - started) / 1e9
+    received = sum(r for r, _, _ in outcomes)
+    lost = sum(lost for _, lost, _ in outcomes)
+    session.close()
+    store.evict(conversation_id)
+    store.close()
+    return {
+        "readers": readers,
+        "chunks": events,
+        "seconds": seconds,
+        "chunks_delivered_per_s": received / len(EVENT) / seconds,
+        "producer_appends_per_s": producer_rate,
+        "complete": received == readers * events * len(EVENT) and lost == 0,
+    }
+
+
+def bench_replay(backend: str, namespace: str, repeat: int) -> dict:
+    capacity = 4 * MIB
+    store = open_store(backend, namespace, capacity=capacity)
+    session = store.create_or_replace("replay")
+    for _ in range((capacity + 64 * 1024) // len(EVENT)):  # full, and wrapped
+        session.append(EVENT)
+    session.finalize()
+    dropped = session.info().dropped_bytes
+    timings = []
+    for run in range(repeat):
+        progress(f"{label(backend)}: replay {run + 1}/{repeat}")
+        started = time.perf_counter()
+        handle = store.get("replay")
+        data = b"".join(handle.read(dropped))
+        handle.close()
+        timings.append(time.perf_counter() - started)
+        assert len(data) == capacity, len(data)
+    session.close()
+    store.evict("replay")
+    store.close()
+    seconds = statistics.median(timings)
+    return {"replay_ms": seconds * 1000, "replay_mb_per_s": capacity / 1e6 / seconds}
+
+
+def run_backend(backend: str, args, reader_counts: list[int]) -> dict:
+    namespace = f"benchb{os.getpid()}x{uuid.uuid4().hex[:8]}"
+    children = Children()
+    results: dict = {}
+    try:
+        results.update(bench_appends(backend, namespace, args.seconds, args.repeat))
+        results.update(bench_latency(backend, namespace, args.samples, args.pause, children))
+        for readers in reader_counts:
+            fanout = bench_fanout(backend, namespace, readers, args.fanout_events, children)
+            results[f"fanout_{readers}_chunks_per_s"] = fanout["chunks_delivered_per_s"]
+            results[f"fanout_{readers}_producer_appends_per_s"] = fanout["producer_appends_per_s"]
+            results[f"fanout_{readers}_complete"] = fanout["complete"]
+        results.update(bench_replay(backend, namespace, repeat=args.replays))
+    finally:
+        children.reap()
+        purge(backend, namespace)
+    return results
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def label(backend: str) -> str:
+    return "shm" if backend == "shm" else "redis"
+
+
+# (key, text, format, higher is better)
+ROWS = [
+    ("appends_per_s", "appends/s, 200 B events, no reader", "{:,.0f}", True),
+    ("latency_p50_us", "producer->reader latency p50 (us)", "{:,.1f}", False),
+    ("latency_p99_us", "producer->reader latency p99 (us)", "{:,.1f}", False),
+    ("latency_max_us", "producer->reader latency max (us)", "{:,.1f}", False),
+]
+TAIL_ROWS = [
+    ("replay_ms", "replay 4 MiB, fresh handle (ms)", "{:,.2f}", False),
+    ("replay_mb_per_s", "replay 4 MiB, fresh handle (MB/s)", "{:,.0f}", True),
+]
+
+
+def table_rows(reader_counts: list[int]) -> list[tuple[str, str, str, bool]]:
+    rows = list(ROWS)
+    for readers in reader_counts:
+        rows.append((f"fanout_{readers}_chunks_per_s",
+                     f"1 -> {readers} reader processes: chunks/s", "{:,.0f}", True))
+        rows.append((f"fanout_{readers}_producer_appends_per_s",
+                     f"1 -> {readers} readers: producer appends/s", "{:,.0f}", True))
+    return rows + TAIL_ROWS
+
+
+def ratios(report: dict, rows) -> dict:
+    """How many times better shm is than Redis, per metric (> 1: shm is better)."""
+    shm, red = report.get("shm"), report.get("redis")
+    if not shm or not red:
+        return {}
+    out = {}
+    for key, _, _, higher_is_better in rows:
+        a, b = shm.get(key), red.get(key)
+        if not a or not b:
+            continue
+        out[key] = a / b if higher_is_better else b / a
+    return out
+
+
+def print_table(report: dict, rows) -> None:
+    backends = [name for name in ("shm", "redis") if name in report]
+    header = f"{'measurement':<44}" + "".join(f"{name:>14}" for name in backends)
+    if len(backends) == 2:
+        header += f"{'shm advantage':>16}"
+    print(header)
+    print("-" * len(header))
+    for key, text, fmt, _ in rows:
+        values = [report[name].get(key) for name in backends]
+        if all(value is None for value in values):
+            continue
+        line = f"{text:<44}" + "".join(
+            f"{fmt.format(value) if value is not None else '-':>14}" for value in values
+        )
+        ratio = report["ratio"].get(key)
+        if ratio is not None:
+            line += f"{ratio:>15.1f}x"
+        print(line)
+    incomplete = [f"{name}: {key}" for name in backends for key, value in report[name].items()
+                  if key.endswith("_complete") and not value]
+    if incomplete:
+        print("INCOMPLETE fan-out runs (bytes lost or missing): " + ", ".join(incomplete))
+    env = report["env"]
+    print(f"\n{env['cpus']} CPUs, Python {env['python']}, redis-server {env['redis_server']}, "
+          f"redis-py {env['redis_py']}, hiredis: {env['hiredis']}; append runs "
+          f"{env['seconds']} s, {env['samples']} latency samples, "
+          f"{env['fanout_events']:,} fan-out chunks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="shm,redis", help="default: shm,redis")
+    parser.add_argument("--redis-url", default=None,
+                        help="use this Redis instead of starting a private redis-server")
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="length of each append-rate run (default 2 s)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="append-rate runs, the best counts (default 3)")
+    parser.add_argument("--samples", type=int, default=2_000,
+                        help="latency samples (default 2,000)")
+    parser.add_argument("--pause", type=float, default=0.002,
+                        help="seconds between latency samples (default 0.002)")
+    parser.add_argument("--fanout-events", type=int, default=20_000,
+                        help="chunks appended in each fan-out run (default 20,000)")
+    parser.add_argument("--readers", default="1,10,100",
+                        help="reader process counts for fan-out (default 1,10,100)")
+    parser.add_argument("--replays", type=int, default=10, help="replay runs (median)")
+    parser.add_argument("--quick", action="store_true",
+                        help="0.5 s append runs, 500 samples, 5,000 fan-out chunks")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.repeat, args.samples, args.fanout_events = 0.5, 2, 500, 5_000
+        args.replays = 5
+    reader_counts = [int(n) for n in args.readers.split(",") if n.strip()]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    import redis
+
+    from shmstream.redis_backend import LocalRedisServer
+
+    CTX.set_forkserver_preload(["shmstream.registry", "shmstream.redis_backend"])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    server = None
+    report: dict = {}
+    try:
+        url = args.redis_url
+        if "redis" in backends and url is None:
+            server = LocalRedisServer()
+            url = server.start()
+        for backend in backends:
+            spec = url if backend == "redis" else backend
+            report[backend] = run_backend(spec, args, reader_counts)
+        redis_version = ""
+        if url is not None:
+            client = redis.Redis.from_url(url)
+            redis_version = client.info("server").get("redis_version", "")
+            client.close()
+    except KeyboardInterrupt:
+        progress("")
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+    progress("")
+    rows = table_rows(reader_counts)
+    try:
+        import hiredis  # noqa: F401
+
+        has_hiredis = True
+    except ImportError:
+        has_hiredis = False
+    report["ratio"] = ratios(report, rows)
+    report["env"] = {
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "redis_server": redis_version, "redis_py": redis.__version__, "hiredis": has_hiredis,
+        "seconds": args.seconds, "samples": args.samples, "pause": args.pause,
+        "fanout_events": args.fanout_events, "readers": reader_counts,
+    }
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print_table(report, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
