@@ -111,6 +111,29 @@ async def timed_stream(port: int, path: str, body: bytes, headers: dict, stats: 
         stats.errors.append(repr(exc))
 
 
+def cpu_seconds(root_pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of each process in the trees under ``root_pids``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    wanted, grew = set(root_pids), True
+    while grew:
+        grew = False
+        for pid, (parent, _) in stats.items():
+            if parent in wanted and pid not in wanted:
+                wanted.add(pid)
+                grew = True
+    return {pid: stats[pid][1] for pid in wanted if pid in stats}
+
+
 def _percentile(values: list[int], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
@@ -138,8 +161,19 @@ async def latency_phase(args, service: Service, upstream: UpstreamProcess) -> di
         await asyncio.sleep(delay)
         await coroutine
 
+    roots = {"service": [service.process.pid], "upstream": [upstream.process.pid],
+             "bench client": [os.getpid()]}
+    before = {name: cpu_seconds(pids) for name, pids in roots.items()}
+    started = time.monotonic()
     await asyncio.gather(*(staggered(t, random.random()) for t in tasks))
-    result = {}
+    wall = time.monotonic() - started
+    result = {"cpu_share_of_one_core": {}}
+    for name, pids in roots.items():
+        after = cpu_seconds(pids)
+        if name == "bench client":  # itself only, not the service and upstream it started
+            after = {pid: after[pid] for pid in pids}
+        used = sum(after.values()) - sum(v for pid, v in before[name].items() if pid in after)
+        result["cpu_share_of_one_core"][name] = round(used / wall, 2)
     for name, stats in (("direct", direct), ("service", relayed)):
         if stats.latencies_ns:
             result[name] = {"p50": _percentile(stats.latencies_ns, 0.5),

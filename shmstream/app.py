@@ -23,6 +23,7 @@ from .resources import (
 )
 from .store import SessionStore
 from .upstream import JSON_TYPE, HttpUpstream, Relay, Upstream, error_object
+from .webui import add_webui, is_webui_path
 
 log = logging.getLogger("shmstream.app")
 
@@ -61,7 +62,8 @@ def serialize_falcon_error(req: falcon.Request, resp: falcon.Response,
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception,
                       params: dict) -> None:
     """Anything else (Falcon picks the most specific handler, so HTTPError is not here)."""
-    log.exception("unhandled error on %s %s", req.method, req.path)
+    path = STREAM_PREFIX + "/..." if req.path.startswith(STREAM_PREFIX) else req.path
+    log.exception("unhandled error on %s %s", req.method, path)  # ids never go to logs
     resp.status = 500
     resp.content_type = JSON_TYPE
     resp.data = error_body(500, "Internal server error", "server_error")
@@ -78,7 +80,8 @@ class ApiKeyCheck:
     def is_public(req: falcon.Request) -> bool:
         if req.method == "OPTIONS" or req.path in PUBLIC_PATHS:
             return True
-        return req.method in ("GET", "HEAD") and (req.path == "/" or req.path.endswith(".html"))
+        return req.method in ("GET", "HEAD") and (req.path == "/" or req.path.endswith(".html")
+                                                  or is_webui_path(req.path))
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self.is_public(req):
@@ -111,6 +114,7 @@ def create_app(store: SessionStore, settings: Settings, upstream: Upstream,
     app.resp_options.default_media_type = None
     app.req_options.strip_url_path_trailing_slash = False
     app.add_route("/v1/streams/lookup", LookupResource(store))
+    add_webui(app)  # the chat page at /shmstream/ (routes win over the sinks below)
     # Sinks: later ones win. The stream sink takes the raw URI (ids contain slashes).
     app.add_sink(ProxyResource(relay, upstream, settings.upstream_api_key), prefix=r"/")
     app.add_sink(StreamResource(store), prefix=rf"^{STREAM_PREFIX}(/|$)")

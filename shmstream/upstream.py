@@ -299,6 +299,9 @@ class _HttpResponse(UpstreamResponse):
             raise UpstreamError(_describe(exc, self._abort)) from exc
 
     def iter_bytes(self) -> Iterator[bytes]:
+        encoding = self._response.headers.get("content-encoding", "identity").lower()
+        if encoding in ("", "identity"):  # skip httpx's decoder chain: a hot path
+            return self._iterate(self._response.iter_raw())
         return self._iterate(self._response.iter_bytes())
 
     def iter_raw(self) -> Iterator[bytes]:
@@ -381,7 +384,9 @@ def request_headers(environ: dict, upstream_api_key: str | None = None,
     ``Authorization`` replaced when ``upstream_api_key`` is set, ``X-Forwarded-For``
     extended. ``identity`` asks for an unencoded body; without ``with_length`` the
     caller's ``Content-Length`` is dropped (the body was re-framed)."""
-    dropped = HOP_BY_HOP | _connection_tokens(environ.get("HTTP_CONNECTION")) | {"host"}
+    # Expect: the WSGI server already answered "100 Continue"; httpx would not wait for it.
+    dropped = (HOP_BY_HOP | _connection_tokens(environ.get("HTTP_CONNECTION"))
+               | {"host", "expect"})
     if identity:
         dropped = dropped | {"accept-encoding"}
     if upstream_api_key:
