@@ -51,6 +51,9 @@ lives in one Cluster slot and the multi-key Lua scripts stay legal)::
   reader costs no Redis traffic: it re-checks Redis only after a message, after
   ``RECHECK_INTERVAL`` (to notice an expired lease) or after the pub/sub connection came back
   (messages may have been lost); its ``_sleep`` still returns every ``wake_interval``.
+- **The streaming calls** (append, fetch) go over a bare per-thread connection: through
+  redis-py 8's client the same EVALSHA cost 2-3x the round trip (see :class:`_HotPath`).
+  ``from_url`` speaks RESP2 unless told otherwise (RESP3 added ~40 µs per command here).
 - **Cancel** publishes ``c`` on the control channel; the producer's handle subscribed to it at
   creation, so ``producer_should_stop`` is a Python attribute read once the subscription is
   confirmed (before that, and while pub/sub is down, it asks Redis). The lease renewal also
