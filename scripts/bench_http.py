@@ -13,6 +13,8 @@ repository's ``gunicorn.conf.py``), runs, and stops both.
 2. Readers: one slow session read by N concurrent ``GET /v1/stream/{id}`` clients; every
    one must get status 200 and exactly the upstream's bytes.
 3. Replay: ``GET ?from=<dropped>`` of a session holding a full 4 MiB ring, in MB/s.
+4. Cancel: DELETE (on a fresh connection, so on any worker) while the upstream is silent,
+   mid-stream or during prompt processing: time until the upstream sees its client go.
 
     .venv/bin/python scripts/bench_http.py                    # 100 x 100/s, 4 workers
     .venv/bin/python scripts/bench_http.py --streams 20 --duration 5 --readers 200
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -262,6 +265,58 @@ def replay_phase(args, service: Service, upstream: UpstreamProcess) -> dict:
             "MB_per_s_best": round(max(rates), 1), "runs": len(rates)}
 
 
+def cancel_phase(args, service: Service, upstream: UpstreamProcess) -> dict:
+    """DELETE while the upstream is silent (mid-stream, or before its status line): the
+    time until the upstream sees its connection closed, whichever worker produces."""
+    import threading
+
+    latencies = {"mid-stream": [], "prompt processing": []}
+    with httpx.Client(timeout=30) as client:
+        for attempt in range(args.cancels):
+            kind = "mid-stream" if attempt % 2 == 0 else "prompt processing"
+            tag = f"cancel-{uuid.uuid4().hex[:8]}"
+            script = ({"tag": tag, "events": 5, "stall_at": 1, "stall": 60}
+                      if kind == "mid-stream" else {"tag": tag, "stall_before": 60})
+
+            def post(script=script, tag=tag):
+                with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                        "POST", service.url + "/v1/chat/completions",
+                        json={"stream": True, "messages": [], "script": script},
+                        headers={"X-Conversation-Id": tag}, timeout=70) as response:
+                    response.read()
+
+            poster = threading.Thread(target=post, daemon=True)
+            poster.start()
+
+            def record(tag=tag):
+                answer = client.get(f"{upstream.url}/_test/log", params={"tag": tag})
+                return answer.json() if answer.status_code == 200 else None
+
+            deadline = time.monotonic() + 10
+            while not (r := record()) or (kind == "mid-stream" and r["events_sent"] < 1):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the upstream never got the request")
+                time.sleep(0.01)
+            time.sleep(0.3)  # silence
+            started = time.time()
+            with httpx.Client(timeout=10) as fresh:  # a new connection: any worker
+                fresh.delete(f"{service.url}/v1/stream/{tag}")
+            while (closed := record()["closed_at"]) is None:
+                if time.time() - started > 5:
+                    raise RuntimeError("the upstream connection stayed open")
+                time.sleep(0.002)
+            latencies[kind].append((closed - started) * 1000)
+            poster.join(10)
+    access = service.access()
+    posts = [pid for pid, method, target, _ in access
+             if method == "POST" and "chat" in target]
+    deletes = [pid for pid, method, _, _ in access if method == "DELETE"]
+    cross = sum(1 for p, d in zip(posts[-args.cancels:], deletes, strict=False) if p != d)
+    return {kind: {"n": len(v), "p50_ms": round(statistics.median(v), 1),
+                   "max_ms": round(max(v), 1)} for kind, v in latencies.items() if v} | {
+        "cross_worker": f"{cross} of {len(deletes)} DELETEs ran on another worker"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=100)
@@ -273,9 +328,10 @@ def main() -> int:
     parser.add_argument("--reader-events", type=int, default=100)
     parser.add_argument("--reader-rate", type=float, default=20.0)
     parser.add_argument("--replays", type=int, default=5)
+    parser.add_argument("--cancels", type=int, default=20)
     parser.add_argument("--max-bytes", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["latency", "readers", "replay"])
+                        choices=["latency", "readers", "replay", "cancel"])
     args = parser.parse_args()
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -303,6 +359,11 @@ def main() -> int:
                 print("replay: a full ring over HTTP ...", flush=True)
                 results["replay"] = replay_phase(args, service, upstream)
                 print(json.dumps(results["replay"], indent=2), flush=True)
+            if "cancel" not in args.skip:
+                print(f"cancel: {args.cancels} DELETEs while the upstream is silent ...",
+                      flush=True)
+                results["cancel"] = cancel_phase(args, service, upstream)
+                print(json.dumps(results["cancel"], indent=2), flush=True)
         finally:
             service.stop()
             ShmStore(namespace).purge()
