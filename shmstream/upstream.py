@@ -43,6 +43,7 @@ from .store import Session, SessionStore
 
 log = logging.getLogger("shmstream.upstream")
 
+JSON_TYPE = "application/json; charset=utf-8"
 PING = b":\n\n"  # the SSE comment llama-server sends while it has nothing to say
 WATCH_PERIOD = 0.05  # seconds between the watcher's cancel/ping passes
 MAX_ERROR_BODY = 1024 * 1024  # an upstream error body we relay to the caller, at most
@@ -638,8 +639,6 @@ class Producer:
                     self.session.finalize(State.ABORTED)
         self.abort.abort()
 
-
-JSON_TYPE = "application/json; charset=utf-8"
 
 
 class ProducerWatcher:

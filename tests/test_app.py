@@ -714,3 +714,34 @@ def test_wsgi_module_builds_nothing_before_the_first_request(namespace):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "built-in demo" in result.stderr
+
+
+def test_the_protocol_on_every_backend(store_factory, upstream_server):
+    """The HTTP layer uses only the SessionStore interface: the same answers on each."""
+    store = store_factory(capacity=4096)
+    settings = Settings(namespace=store_factory.namespace, upstream=upstream_server.url,
+                        ping_interval=0.1)
+    harness = Harness(store, settings, HttpUpstream(upstream_server.url))
+    try:
+        tag = f"backend-{store_factory.backend}"
+        result = harness.client.simulate_post(
+            "/v1/chat/completions", json=chat({"tag": tag, "events": 60, "pad": 40}),
+            headers={"X-Conversation-Id": "b/1::m"})
+        assert result.status_code == 200
+        assert result.content == expected_body(tag, 60, 40)  # longer than the 4096 B ring
+        [entry] = harness.client.simulate_post(
+            "/v1/streams/lookup", json={"conversation_ids": ["b/1"]}).json
+        assert entry["is_done"] and entry["total_bytes"] == len(result.content)
+        dropped = entry["dropped_bytes"]
+        assert dropped == len(result.content) - 4096
+        uri = "/v1/stream/b%2F1::m"
+        assert_error(harness.client.simulate_get(uri, query_string=f"from={dropped - 1}",
+                                                 extras={"RAW_URI": uri}), 400, LOST)
+        replay = harness.client.simulate_get(uri, query_string=f"from={dropped}",
+                                             extras={"RAW_URI": uri})
+        assert replay.content == result.content[dropped:]
+        status, _, body = harness.wsgi("DELETE", "/v1/stream?conv_id=b%2F1%3A%3Am")
+        assert status == "204 No Content" and b"".join(body) == b""
+        assert_error(harness.client.simulate_get(uri, extras={"RAW_URI": uri}), 404, NOT_FOUND)
+    finally:
+        harness.close()
