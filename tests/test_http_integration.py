@@ -297,3 +297,29 @@ def test_fakellm_stream_resumes_and_proxies(service_factory, fakellm):
         assert limited.json()["error"]["message"] == "Rate limit exceeded (mock)"
         stats = client.get(service.url + "/_fakellm/stats").json()
         assert stats["by_rule"]["long"] >= 2 and stats["by_rule"]["limited"] == 1
+
+
+def test_gone_clients_free_their_worker_threads(service_factory, upstream):
+    """One worker with 2 threads: two readers of a silent stream hold both; once their
+    clients go, the threads are free again within about 200 ms (no write needed)."""
+    service = service_factory(upstream.url, workers=1, threads=2, ping_interval=60)
+    tag = f"threads-{os.getpid()}-{time.monotonic_ns()}"
+    body = json.dumps(chat({"tag": tag, "events": 3, "stall_at": 1, "stall": 60})).encode()
+    clients = []
+    for request in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: th"
+                    b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body),
+                    b"GET /v1/stream/th HTTP/1.1\r\nHost: x\r\n\r\n"):
+        raw = socket.create_connection(("127.0.0.1", service.port), timeout=5)
+        raw.sendall(request)
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")  # the stream is on, then silent
+        clients.append(raw)
+    for raw in clients:
+        raw.close()
+    started = time.monotonic()
+    answer = httpx.get(service.url + "/health", timeout=5)
+    assert answer.status_code == 200
+    freed = time.monotonic() - started
+    print(f"worker threads freed {freed * 1000:.0f} ms after the clients left")
+    assert freed < 1.0
+    httpx.delete(service.url + "/v1/stream/th", timeout=5)
