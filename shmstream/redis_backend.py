@@ -47,7 +47,10 @@ lives in one Cluster slot and the multi-key Lua scripts stay legal)::
   reference-counted subscription per session and channel kind, handed to local threads
   through a :class:`threading.Condition`: a process gets one message per event however many
   reader threads wait (the shm backend's "one waiter per process" rule). The messages carry
-  the new ``total`` so a woken reader goes straight to the bytes (one round trip). An idle
+  the new ``total`` and, for appends up to 64 KiB, the appended bytes: each process keeps
+  the latest 256 KiB, contiguous by offset, so a caught-up reader takes its bytes from
+  memory with no round trip (a gap, e.g. a bigger chunk or a reconnect, resets the cache and
+  the reader fetches from the ring; a lapped reader still gets OffsetLost). An idle
   reader costs no Redis traffic: it re-checks Redis only after a message, after
   ``RECHECK_INTERVAL`` (to notice an expired lease) or after the pub/sub connection came back
   (messages may have been lost); its ``_sleep`` still returns every ``wake_interval``.
@@ -105,6 +108,7 @@ DEFAULT_LEASE = 10.0  # seconds a producer's lease lasts without renewal
 RETIRE_GRACE = 30.0  # seconds an evicted or replaced session stays readable by open handles
 RECHECK_INTERVAL = 1.0  # an idle reader looks at Redis at least this often (lease expiry)
 _GC_BATCH = 500
+_PUBLISH_BYTES = 64 * 1024  # appends up to this size travel in their notification
 
 _RUNNING = b"0"
 
@@ -183,8 +187,9 @@ redis.call('ZADD', all, '+inf', ARGV[4])
 return replaced
 """
 
-# KEYS: meta, data. ARGV: bytes, notify channel. Returns the new total, or -1 if finished.
-# Mirrors ring.write: a chunk of capacity bytes or more keeps its last capacity bytes.
+# KEYS: meta, data. ARGV: bytes, notify channel, largest chunk to publish. Returns the new
+# total, or -1 if finished. Mirrors ring.write: a chunk of capacity bytes or more keeps its
+# last capacity bytes. The notification carries the chunk when it is small and whole.
 _LUA_APPEND = """
 local meta, ring = KEYS[1], KEYS[2]
 local fields = redis.call('HMGET', meta, 'state', 'total', 'cap')
@@ -194,6 +199,11 @@ local length = #data
 local capacity = tonumber(fields[3])
 local total = redis.call('HINCRBY', meta, 'total', length)
 local start = total - length
+if length < capacity and length <= tonumber(ARGV[3]) then
+  redis.call('PUBLISH', ARGV[2], string.format('t%d:', total) .. data)
+else
+  redis.call('PUBLISH', ARGV[2], string.format('t%d', total))
+end
 if length >= capacity then
   data = string.sub(data, length - capacity + 1)
   start = total - capacity
@@ -207,7 +217,6 @@ else
   redis.call('SETRANGE', ring, position, string.sub(data, 1, first))
   redis.call('SETRANGE', ring, 0, string.sub(data, first + 1))
 end
-redis.call('PUBLISH', ARGV[2], string.format('t%d', total))
 return total
 """
 
@@ -366,9 +375,14 @@ class _Watch:
 
     ``seq`` moves on every message and on (re)subscription; a waiter compares it with the
     ticket it took before looking at Redis, as the shm reader does with the futex word.
+    ``cache`` holds the latest published bytes, contiguous from stream offset
+    ``cache_start`` (at most ``CACHE_BYTES``): caught-up readers of this process read them
+    without asking Redis. Guarded by ``cond``.
     """
 
-    __slots__ = ("channel", "cond", "seq", "total", "stopped", "ended", "confirmed", "refs")
+    __slots__ = ("channel", "cond", "seq", "total", "stopped", "ended", "confirmed", "refs",
+                 "cache", "cache_start")
+    CACHE_BYTES = 256 * 1024
 
     def __init__(self, channel: bytes):
         self.channel = channel
@@ -379,6 +393,42 @@ class _Watch:
         self.ended = False  # finished
         self.confirmed = False  # the subscription is active: no message can be missed
         self.refs = 0
+        self.cache = bytearray()
+        self.cache_start = 0
+
+    def remember(self, total: int, chunk: bytes | None) -> None:
+        """Record an append that ended at ``total`` (its bytes, if published) and wake."""
+        with self.cond:
+            if chunk is not None:
+                cache = self.cache
+                start = total - len(chunk)
+                if self.cache_start + len(cache) != start:  # a gap: keep only what follows
+                    cache.clear()
+                    self.cache_start = start
+                cache += chunk
+                excess = len(cache) - self.CACHE_BYTES
+                if excess > 0:
+                    del cache[:excess]  # cheap: bytearray deletes from the front in place
+                    self.cache_start += excess
+            if total > self.total:
+                self.total = total
+            self.seq += 1
+            self.cond.notify_all()
+
+    def cached(self, offset: int, limit: int | None) -> bytes:
+        """Published bytes from ``offset`` on (at most ``limit``), or b"" if not cached."""
+        with self.cond:
+            start = self.cache_start
+            end = start + len(self.cache)
+            if not start <= offset < end:
+                return b""
+            if limit is not None and offset + limit < end:
+                end = offset + limit
+            return bytes(self.cache[offset - start : end - start])
+
+    def forget(self) -> None:
+        with self.cond:
+            self.cache.clear()
 
     def bump(self) -> None:
         with self.cond:
@@ -515,6 +565,7 @@ class _Notifier:
                 watches = list(self._watches.values())
             for watch in watches:
                 watch.confirmed = False
+                watch.forget()  # messages may have been lost: no gap may hide in a cache
                 watch.bump()
             if not self._stopping:
                 time.sleep(backoff)
@@ -529,12 +580,11 @@ class _Notifier:
             data = response[2]
             head = data[:1]
             if head == b"t":
-                total = int(data[1:])
-                with watch.cond:
-                    if total > watch.total:
-                        watch.total = total
-                    watch.seq += 1
-                    watch.cond.notify_all()
+                colon = data.find(b":", 1)
+                if colon < 0:
+                    watch.remember(int(data[1:]), None)
+                else:
+                    watch.remember(int(data[1:colon]), data[colon + 1 :])
                 return
             if head == b"e":
                 watch.ended = True
@@ -720,7 +770,8 @@ class RedisSession(Session):
             return True
         store = self.store
         total = store._hot.evalsha(store._scripts["append"], [self._meta, self._data],
-                                   [bytes(data), self._notify_channel], idempotent=False)
+                                   [bytes(data), self._notify_channel, _PUBLISH_BYTES],
+                                   idempotent=False)
         if total < 0:
             return False
         self._total = total
@@ -806,6 +857,12 @@ class RedisSession(Session):
             self._ticket = watch.seq  # before looking at Redis: no wake-up can be missed
             if watch.total > self._total:
                 self._total = watch.total
+            if offset < self._total:
+                # Lapped by what was announced: lost, as the shm reader would find it.
+                ring.next_step(self._total, capacity, False, offset)
+                chunk = watch.cached(offset, limit)
+                if chunk:
+                    return chunk, False
             if (offset >= self._total and watch.confirmed and self._ticket == self._seen_seq
                     and time.monotonic() - self._seen_at < RECHECK_INTERVAL):
                 return b"", watch.ended  # nothing was announced since Redis said so
