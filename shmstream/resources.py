@@ -14,7 +14,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import falcon
 
@@ -373,8 +373,8 @@ class ProxyResource:
     @staticmethod
     def _target(environ: dict) -> str:
         path, encoded = raw_path(environ)
-        if not encoded:
-            path = path.replace(b"%", b"%25")
+        if not encoded:  # a decoded PATH_INFO: encode it again for the request line
+            path = quote(path, safe="/:@!$&'()*+,;=-._~").encode("ascii")
         query = environ.get("QUERY_STRING", "")
         target = path.decode("latin-1") or "/"
         return f"{target}?{query}" if query else target

@@ -745,3 +745,9 @@ def test_the_protocol_on_every_backend(store_factory, upstream_server):
         assert_error(harness.client.simulate_get(uri, extras={"RAW_URI": uri}), 404, NOT_FOUND)
     finally:
         harness.close()
+
+
+def test_proxy_re_encodes_a_decoded_path_info(harness):
+    _, _, body = harness.wsgi("GET", "/files/a b%25?x=1", RAW_URI="",
+                                   PATH_INFO="/files/a b%")
+    assert json.loads(b"".join(body))["target"] == "/files/a%20b%25?x=1"
