@@ -18,5 +18,19 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 
+# Debian's chromium for the chat page's browser tests (tests/test_browser.py drives it with
+# Playwright; Playwright's own browser download is never used). Without it those tests fail
+# unless SHMSTREAM_ALLOW_NO_BROWSER=1.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing chromium" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "test.sh: /usr/bin/chromium not found (and not root with apt-get):" \
+             "the browser tests will fail unless SHMSTREAM_ALLOW_NO_BROWSER=1" >&2
+    fi
+fi
+
 . scripts/_venv.sh
 exec "$VENV/bin/python" -m pytest "$@"
