@@ -323,14 +323,8 @@ def test_an_idle_reader_does_not_poll_redis(redis_stores):
     producer = store.create_or_replace("idle")
     reader_handle = store.get("idle")
     fetches = []
-    evalsha = store._hot.evalsha
-
-    def counting(script, *args, **kwargs):
-        if script is store._scripts["fetch"]:
-            fetches.append(1)
-        return evalsha(script, *args, **kwargs)
-
-    store._hot.evalsha = counting
+    transaction = store._hot.transaction
+    store._hot.transaction = lambda commands: fetches.append(1) or transaction(commands)
     reader = Reader(reader_handle)
     reader.start()
     time.sleep(2.0)  # ten 200 ms wake-ups
@@ -349,14 +343,8 @@ def test_published_bytes_serve_caught_up_readers_with_the_same_semantics(redis_s
     producer = store.create_or_replace("cached")
     reader = store.get("cached")
     fetches = []
-    evalsha = store._hot.evalsha
-
-    def counting(script, *args, **kwargs):
-        if script is store._scripts["fetch"]:
-            fetches.append(1)
-        return evalsha(script, *args, **kwargs)
-
-    store._hot.evalsha = counting
+    transaction = store._hot.transaction
+    store._hot.transaction = lambda commands: fetches.append(1) or transaction(commands)
     producer.append(b"a" * 100)
     assert reader._poll(0, None) == (b"a" * 100, False)
     assert reader._poll(100, None) == (b"", False)  # waits: subscribes
