@@ -370,8 +370,8 @@ class _Watch:
     without asking Redis. Guarded by ``cond``.
     """
 
-    __slots__ = ("channel", "cond", "seq", "total", "stopped", "ended", "confirmed", "refs",
-                 "cache", "cache_start")
+    __slots__ = ("channel", "cond", "seq", "total", "stopped", "ended", "confirmed",
+                 "confirmations", "refs", "cache", "cache_start")
     CACHE_BYTES = 256 * 1024
 
     def __init__(self, channel: bytes):
@@ -382,6 +382,7 @@ class _Watch:
         self.stopped = False  # cancelled or finished
         self.ended = False  # finished
         self.confirmed = False  # the subscription is active: no message can be missed
+        self.confirmations = 0  # how many times it became active (again, after reconnects)
         self.refs = 0
         self.cache = bytearray()
         self.cache_start = 0
@@ -588,6 +589,7 @@ class _Notifier:
             with self._lock:
                 watch = self._pending.popleft() if self._pending else None
             if watch is not None:
+                watch.confirmations += 1
                 watch.confirmed = True
                 watch.bump()
 
@@ -766,7 +768,7 @@ class RedisSession(Session):
         self._control_channel = (prefix + "k:" + gen).encode()
         self._notify: _Watch | None = None
         self._control = control
-        self._verified = False  # producer_should_stop has checked Redis since confirmation
+        self._verified = -1  # the control subscription's confirmation Redis was checked after
         self._stopped = False  # this handle finished or cancelled the session
         self._total = 0  # the highest total this handle saw
         self._ticket = 0
@@ -818,16 +820,16 @@ class RedisSession(Session):
             control = self._control = self.store._notifier().acquire(self._control_channel)
         if control.stopped:
             return True
-        if control.confirmed and self._verified:
+        if control.confirmed and self._verified == control.confirmations:
             return False
-        # Not subscribed yet (or pub/sub came back): what happened before the subscription
-        # took effect is only in Redis. One round trip, then the flag suffices.
-        confirmed = control.confirmed
+        # Not subscribed yet, or subscribed again after a reconnect: what happened before
+        # the subscription took effect is only in Redis. One round trip, then the flag does.
+        epoch = control.confirmations if control.confirmed else -1
         fields = self.store._redis.hmget(self._meta, "state", "cancel")
         if fields[0] != _RUNNING or fields[1] == b"1":
             control.stopped = True
             return True
-        self._verified = confirmed
+        self._verified = epoch
         return False
 
     # --- reading --------------------------------------------------------------------------

@@ -392,6 +392,23 @@ def test_readers_recover_when_the_pubsub_connection_is_killed(redis_stores):
     assert not reader.is_alive() and reader.error is None
 
 
+def test_a_cancel_during_a_pubsub_outage_still_reaches_the_producer(redis_stores):
+    store = redis_stores(lease=60)  # the lease renewal fallback would take 15 s
+    other = redis_stores()
+    session = store.create_or_replace("outage")
+    assert wait_until(lambda: session._control.confirmed)
+    assert session.producer_should_stop is False
+    assert session.producer_should_stop is False  # verified: a local read from now on
+    confirmations = session._control.confirmations
+    notifier = store._notifier()
+    with notifier._lock:  # hold the listener back from resubscribing while we cancel
+        assert store._redis.client_kill_filter(_type="pubsub") >= 1
+        time.sleep(0.2)
+        assert other.get("outage").cancel() is True  # published while nobody listens
+    assert wait_until(lambda: session._control.confirmations > confirmations, timeout=5)
+    assert wait_until(lambda: session.producer_should_stop, timeout=0.25)
+
+
 def test_reader_processes_get_exactly_the_producers_bytes(redis_stores):
     store = redis_stores(capacity=1 << 20)
     producer = store.create_or_replace("multi")
