@@ -15,6 +15,8 @@ lives in one Cluster slot and the multi-key Lua scripts stay legal)::
                                           cap, started, completed (unix µs), host, pid, member
     shmstream:{ns}:d:<gen>         string the ring: the byte at offset o lives at o % cap
     shmstream:{ns}:l:<gen>         string the producer's lease (PX), renewed while it lives
+    shmstream:{ns}:p:<scope hash>  set    running generations produced in one pid namespace
+                                          of one boot of one machine (abort_producers)
     shmstream:{ns}:n:<gen>         channel  "t<total>" per append, "e<state>" at the end
     shmstream:{ns}:k:<gen>         channel  "c" on cancel, "e<state>" at the end
 
@@ -124,9 +126,10 @@ local all = prefix .. 'all'
 -- End a running session: state, completion time, expiry, wake-up. 1 if this call ended it.
 local function finish(gen, state, now_us, ttl_ms, deadline)
   local meta = prefix .. 's:' .. gen
-  local fields = redis.call('HMGET', meta, 'state', 'member')
+  local fields = redis.call('HMGET', meta, 'state', 'member', 'pset')
   if fields[1] ~= '0' then return 0 end
   redis.call('HSET', meta, 'state', state, 'completed', now_us)
+  if fields[3] then redis.call('SREM', fields[3], gen) end
   redis.call('DEL', prefix .. 'l:' .. gen)
   redis.call('ZADD', all, 'XX', deadline, fields[2])
   redis.call('PEXPIRE', meta, ttl_ms)
@@ -165,7 +168,7 @@ end
 
 # KEYS: index, new meta, new lease. ARGV: prefix, id hash, gen, member, id, record, capacity,
 # now_us, ttl_ms, deadline, grace_ms, lease_ms, max_sessions (0: none), now_ms, host, pid,
-# producer identity (see _producer_identity).
+# producer identity (see _producer_identity), the producer scope's set.
 _LUA_CREATE = _LUA_COMMON + """
 local index, meta, lease = KEYS[1], KEYS[2], KEYS[3]
 local id_hash, gen = ARGV[2], ARGV[3]
@@ -181,7 +184,9 @@ if limit > 0 and redis.call('ZCOUNT', all, '(' .. ARGV[14], '+inf') >= limit the
 end
 redis.call('HSET', meta, 'id', ARGV[5], 'rec', ARGV[6], 'state', '0', 'cancel', '0',
            'total', '0', 'cap', ARGV[7], 'started', ARGV[8], 'completed', '0',
-           'host', ARGV[15], 'pid', ARGV[16], 'producer', ARGV[17], 'member', ARGV[4])
+           'host', ARGV[15], 'pid', ARGV[16], 'producer', ARGV[17], 'pset', ARGV[18],
+           'member', ARGV[4])
+redis.call('SADD', ARGV[18], gen)
 redis.call('SET', lease, '1', 'PX', ARGV[12])
 redis.call('HSET', index, id_hash, gen)
 redis.call('ZADD', all, '+inf', ARGV[4])
@@ -989,6 +994,7 @@ class RedisStore(SessionStore):
         }
         self._hot = _HotPath(client.connection_pool)
         self._host = socket.gethostname()
+        self._scope_set = self._prefix + "p:" + _digest(_machine_scope().encode(), 16)
         self._threads_lock = threading.Lock()
         self._threads_pid = 0
         self._notifier_obj: _Notifier | None = None
@@ -1115,7 +1121,7 @@ class RedisStore(SessionStore):
                 args=[prefix, id_hash, gen, member, raw, record, self.capacity, now, ttl_ms,
                       deadline, int(self.retire_grace * 1000), int(self.lease * 1000),
                       self.max_sessions or 0, int(now) // 1000, self._host, os.getpid(),
-                      _producer_identity(os.getpid())],
+                      _producer_identity(os.getpid()), self._scope_set],
             )
         except BaseException:
             notifier.release(control)
@@ -1228,8 +1234,7 @@ class RedisStore(SessionStore):
         namespace) by a process that is dead (``pids`` None) or one of ``pids``, without
         waiting for their leases to run out. Returns how many were aborted."""
         targets = None if pids is None else set(pids)
-        members = self._redis.zrangebyscore(self._prefix + "all", "+inf", "+inf")
-        gens = [member.decode().split(":", 1)[0] for member in members]
+        gens = [gen.decode() for gen in self._redis.smembers(self._scope_set)]
         if not gens:
             return 0
         pipe = self._redis.pipeline(transaction=False)
@@ -1237,8 +1242,12 @@ class RedisStore(SessionStore):
             pipe.hmget(self._prefix + "s:" + gen, "state", "producer")
         scope = _machine_scope() + "/"
         aborted = 0
+        stale = []
         for gen, (state, producer) in zip(gens, pipe.execute(), strict=True):
-            if state != _RUNNING or not producer or not producer.decode().startswith(scope):
+            if state != _RUNNING:
+                stale.append(gen)  # its keys vanished without a finish (gc of debris)
+                continue
+            if not producer or not producer.decode().startswith(scope):
                 continue
             pid_text, _, start_text = producer.decode()[len(scope):].partition("/")
             pid, start_time = int(pid_text), int(start_text or 0)
@@ -1252,6 +1261,8 @@ class RedisStore(SessionStore):
                     self._keeper_discard(gen)
                     log.warning("session gen=%s aborted: producer pid %d %s", gen, pid,
                                 "died" if targets is None else "stopped")
+        if stale:
+            self._redis.srem(self._scope_set, *stale)
         return aborted
 
     def purge(self) -> int:
