@@ -1,0 +1,404 @@
+#!/usr/bin/env python3
+"""Benchmark the shared-memory store across real processes.
+
+Measures appends/s of 200-byte events (no reader; one waiting reader in another process),
+producer -> reader wake latency across processes, fan-out to 1/10/100 reader processes
+(chunks delivered per second), and the replay of a full 4 MiB ring. Prints a table with
+the bars to compare against, or one JSON object with ``--json``.
+
+Runs in its own namespace, removed at exit (also on Ctrl-C and SIGTERM).
+
+    .venv/bin/python scripts/bench_store.py            # full run
+    .venv/bin/python scripts/bench_store.py --quick    # a few seconds
+    .venv/bin/python scripts/bench_store.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shmstream import OffsetLost
+from shmstream.registry import ShmStore
+
+CTX = multiprocessing.get_context("fork")
+EVENT = b"x" * 199 + b"\n"  # 200 B
+MIB = 1024 * 1024
+PR_SET_PDEATHSIG = 1
+CHILD_DEADLINE = 300.0  # a child gives up after this long, whatever happens to the parent
+
+BARS = {  # metric: (comparison, bar)
+    "appends_per_s_no_reader": (">=", 1_000_000),
+    "appends_per_s_one_reader": (">=", 400_000),
+    "wake_p50_us": ("<=", 40),
+    "wake_p99_us": ("<=", 250),
+}
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC is one clock for every process on the host: deltas across processes
+    are meaningful (perf_counter is the same clock on Linux, but say so explicitly)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def progress(message: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{message}")
+        sys.stderr.flush()
+
+
+def child_setup() -> float:
+    """Children ignore Ctrl-C (the parent cleans up), die with the parent, and return
+    their deadline."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):  # Linux only: PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    return time.monotonic() + CHILD_DEADLINE
+
+
+def wait_for_waiters(session, count: int, timeout: float = 60.0) -> None:
+    """Until ``count`` readers sleep on the session (an unlocked peek at the header)."""
+    header = session.segment.header
+    deadline = time.monotonic() + timeout
+    while header.waiters < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {header.waiters} of {count} readers started waiting")
+        time.sleep(0.001)
+
+
+class Children:
+    """Started processes, all killed and reaped by :meth:`reap`."""
+
+    def __init__(self):
+        self.started: list = []
+
+    def start(self, target, *args):
+        process = CTX.Process(target=target, args=args, daemon=True)
+        process.start()
+        self.started.append(process)
+        return process
+
+    def reap(self) -> None:
+        for process in self.started:
+            if process.is_alive():
+                process.kill()
+        for process in self.started:
+            process.join(10)
+        self.started.clear()
+
+
+# --- children -------------------------------------------------------------------------------
+
+
+def _counting_reader(namespace: str, conversation_id: str, results) -> None:
+    """Read to the end; a lapped reader skips to the oldest held byte and counts the loss."""
+    deadline = child_setup()
+    session = ShmStore(namespace).get(conversation_id)
+    received = lost = 0
+    offset = 0
+    while True:
+        try:
+            for chunk in session.read(offset, should_stop=lambda: time.monotonic() > deadline):
+                received += len(chunk)
+                offset += len(chunk)
+            break
+        except OffsetLost:
+            dropped = session.info().dropped_bytes
+            lost += dropped - offset
+            offset = dropped
+    results.put((received, lost, monotonic_ns()))
+    session.close()
+
+
+def _latency_reader(namespace: str, results) -> None:
+    """Receive timestamps on "ping", note how late each arrived, acknowledge on "pong"."""
+    deadline = child_setup()
+    store = ShmStore(namespace)
+    ping, pong = store.get("ping"), store.get("pong")
+    delays = []
+    for chunk in ping.read(0, should_stop=lambda: time.monotonic() > deadline):
+        arrived = monotonic_ns()
+        delays.append(arrived - int.from_bytes(chunk[:8], "little"))
+        pong.append(b"k")
+    pong.finalize()
+    results.put(delays)
+    ping.close()
+    pong.close()
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+def append_rate(session, events: int) -> float:
+    append = session.append
+    payload = EVENT
+    started = time.perf_counter()
+    for _ in range(events):
+        append(payload)
+    return events / (time.perf_counter() - started)
+
+
+def bench_appends_no_reader(namespace: str, events: int, repeat: int) -> dict:
+    store = ShmStore(namespace, capacity=4 * MIB)
+    rates = []
+    for run in range(repeat):
+        progress(f"appends, no reader: run {run + 1}/{repeat}")
+        session = store.create_or_replace(f"solo-{run}")
+        append_rate(session, min(events, 20_000))  # warm up
+        rates.append(append_rate(session, events))
+        session.finalize()
+        session.close()
+        store.evict(f"solo-{run}")
+    return {"appends_per_s_no_reader": max(rates), "runs": rates}
+
+
+def bench_appends_one_reader(namespace: str, events: int, repeat: int,
+                             children: Children) -> dict:
+    store = ShmStore(namespace, capacity=4 * MIB)
+    rates, delivered, lost = [], [], []
+    for run in range(repeat):
+        progress(f"appends, one waiting reader: run {run + 1}/{repeat}")
+        conversation_id = f"watched-{run}"
+        session = store.create_or_replace(conversation_id)
+        results = CTX.Queue()
+        reader = children.start(_counting_reader, namespace, conversation_id, results)
+        wait_for_waiters(session, 1)
+        rates.append(append_rate(session, events))
+        session.finalize()
+        received, lost_bytes, _ = results.get(timeout=CHILD_DEADLINE)
+        reader.join(10)
+        delivered.append(received)
+        lost.append(lost_bytes)
+        session.close()
+        store.evict(conversation_id)
+    best = max(range(repeat), key=lambda k: rates[k])
+    return {"appends_per_s_one_reader": rates[best], "runs": rates,
+            "reader_received_bytes": delivered[best], "reader_lapped_bytes": lost[best]}
+
+
+def bench_wake_latency(namespace: str, samples: int, children: Children) -> dict:
+    store = ShmStore(namespace, capacity=MIB)
+    ping, pong = store.create_or_replace("ping"), store.create_or_replace("pong")
+    results = CTX.Queue()
+    reader = children.start(_latency_reader, namespace, results)
+    acks = pong.read(0)
+    ping_header = ping.segment.header
+    for index in range(samples):
+        if index % 256 == 0:
+            progress(f"wake latency: {index}/{samples}")
+        # The reader must be asleep in read() when the bytes land: that is the case measured.
+        while ping_header.waiters == 0:
+            time.sleep(0.00005)
+        ping.append(monotonic_ns().to_bytes(8, "little"))
+        next(acks)
+    ping.finalize()
+    delays = sorted(results.get(timeout=CHILD_DEADLINE))
+    reader.join(10)
+    for session in (ping, pong):
+        session.close()
+    store.evict("ping")
+    store.evict("pong")
+    return {
+        "wake_p50_us": delays[len(delays) // 2] / 1000,
+        "wake_p99_us": delays[min(len(delays) - 1, int(len(delays) * 0.99))] / 1000,
+        "wake_max_us": delays[-1] / 1000,
+        "wake_samples": len(delays),
+    }
+
+
+def bench_fanout(namespace: str, readers: int, events: int, children: Children) -> dict:
+    capacity = max(4 * MIB, events * len(EVENT) + MIB)  # every reader can get every byte
+    store = ShmStore(namespace, capacity=capacity)
+    conversation_id = f"fanout-{readers}"
+    session = store.create_or_replace(conversation_id)
+    results = CTX.Queue()
+    processes = [children.start(_counting_reader, namespace, conversation_id, results)
+                 for _ in range(readers)]
+    wait_for_waiters(session, readers)
+    progress(f"fan-out to {readers} readers")
+    started = monotonic_ns()
+    producer_rate = append_rate(session, events)
+    session.finalize()
+    outcomes = [results.get(timeout=CHILD_DEADLINE) for _ in range(readers)]
+    for process in processes:
+        process.join(10)
+    finished = max(end for _, _, end in outcomes)
+    seconds = (finished - started) / 1e9
+    received = sum(r for r, _, _ in outcomes)
+    lost = sum(lost for _, lost, _ in outcomes)
+    session.close()
+    store.evict(conversation_id)
+    return {
+        "readers": readers,
+        "chunks": events,
+        "seconds": seconds,
+        "chunks_delivered_per_s": received / len(EVENT) / seconds,
+        "producer_appends_per_s": producer_rate,
+        "complete": received == readers * events * len(EVENT) and lost == 0,
+    }
+
+
+def bench_replay(namespace: str, repeat: int) -> dict:
+    capacity = 4 * MIB
+    store = ShmStore(namespace, capacity=capacity)
+    session = store.create_or_replace("replay")
+    for _ in range((capacity + 64 * 1024) // len(EVENT)):  # full, and wrapped
+        session.append(EVENT)
+    session.finalize()
+    dropped = session.info().dropped_bytes
+    fresh, warm = [], []
+    for _ in range(repeat):
+        progress("replay of a full ring (fresh handle)")
+        started = time.perf_counter()
+        handle = store.get("replay")
+        data = b"".join(handle.read(dropped))
+        handle.close()
+        fresh.append(time.perf_counter() - started)
+        assert len(data) == capacity
+    handle = store.get("replay")
+    for _ in range(repeat):
+        progress("replay of a full ring (warm handle)")
+        started = time.perf_counter()
+        data = b"".join(handle.read(dropped))
+        warm.append(time.perf_counter() - started)
+        assert len(data) == capacity
+    handle.close()
+    session.close()
+    store.evict("replay")
+    fresh_s, warm_s = statistics.median(fresh), statistics.median(warm)
+    return {
+        "replay_fresh_ms": fresh_s * 1000,
+        "replay_fresh_mb_per_s": capacity / 1e6 / fresh_s,
+        "replay_warm_ms": warm_s * 1000,
+        "replay_warm_mb_per_s": capacity / 1e6 / warm_s,
+    }
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def meets(metric: str, value: float) -> bool | None:
+    if metric not in BARS:
+        return None
+    comparison, bar = BARS[metric]
+    return value >= bar if comparison == ">=" else value <= bar
+
+
+def print_table(report: dict) -> None:
+    rows = [
+        ("appends/s, 200 B, no reader", "appends_per_s_no_reader", "{:,.0f}"),
+        ("appends/s, 200 B, 1 waiting reader process", "appends_per_s_one_reader", "{:,.0f}"),
+        ("wake latency p50 (us), across processes", "wake_p50_us", "{:.1f}"),
+        ("wake latency p99 (us), across processes", "wake_p99_us", "{:.1f}"),
+        ("wake latency max (us)", "wake_max_us", "{:.1f}"),
+    ]
+    results = report["results"]
+    for fanout in results.get("fanout", []):
+        key = f"fanout_{fanout['readers']}"
+        results[key] = fanout["chunks_delivered_per_s"]
+        results[key + "_producer"] = fanout["producer_appends_per_s"]
+        note = "" if fanout["complete"] else " (INCOMPLETE)"
+        rows.append((f"1 -> {fanout['readers']} readers: chunks delivered/s{note}", key,
+                     "{:,.0f}"))
+        rows.append((f"1 -> {fanout['readers']} readers: producer appends/s",
+                     key + "_producer", "{:,.0f}"))
+    rows += [
+        ("replay 4 MiB ring, fresh handle (ms)", "replay_fresh_ms", "{:.2f}"),
+        ("replay 4 MiB ring, fresh handle (MB/s)", "replay_fresh_mb_per_s", "{:,.0f}"),
+        ("replay 4 MiB ring, warm handle (ms)", "replay_warm_ms", "{:.2f}"),
+        ("replay 4 MiB ring, warm handle (MB/s)", "replay_warm_mb_per_s", "{:,.0f}"),
+    ]
+    print(f"{'measurement':<48} {'value':>14}  {'bar':>12}  ok")
+    print("-" * 82)
+    for label, key, fmt in rows:
+        if key not in results:
+            continue
+        value = results[key]
+        bar = ""
+        verdict = ""
+        if key in BARS:
+            comparison, limit = BARS[key]
+            bar = f"{comparison} {limit:,}"
+            verdict = "yes" if meets(key, value) else "NO"
+        print(f"{label:<48} {fmt.format(value):>14}  {bar:>12}  {verdict}")
+    print(f"\n{report['cpus']} CPUs, Python {report['python']}, futex doorbell: "
+          f"{report['futex']}, events per append run: {report['events']:,}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000,
+                        help="appends per throughput run (default 1,000,000)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="throughput runs, the best one counts (default 3)")
+    parser.add_argument("--samples", type=int, default=5_000,
+                        help="wake-latency samples (default 5,000)")
+    parser.add_argument("--fanout-events", type=int, default=100_000,
+                        help="chunks appended in each fan-out run (default 100,000)")
+    parser.add_argument("--readers", default="1,10,100",
+                        help="reader process counts for fan-out (default 1,10,100)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller runs: 200k events, 1k samples, 20k fan-out chunks")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.repeat, args.samples, args.fanout_events = 200_000, 2, 1_000, 20_000
+    reader_counts = [int(n) for n in args.readers.split(",") if n.strip()]
+
+    from shmstream import sync
+
+    namespace = f"bench{os.getpid()}x{uuid.uuid4().hex[:8]}"
+    children = Children()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results: dict = {}
+    try:
+        results.update(bench_appends_no_reader(namespace, args.events, args.repeat))
+        del results["runs"]
+        one = bench_appends_one_reader(namespace, args.events, args.repeat, children)
+        one.pop("runs")
+        results.update(one)
+        results.update(bench_wake_latency(namespace, args.samples, children))
+        results["fanout"] = [bench_fanout(namespace, n, args.fanout_events, children)
+                             for n in reader_counts]
+        results.update(bench_replay(namespace, repeat=20))
+    except KeyboardInterrupt:
+        progress("")
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        children.reap()
+        ShmStore(namespace).purge()
+    progress("")
+    report = {
+        "namespace": namespace,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "futex": sync.FUTEX_AVAILABLE,
+        "events": args.events,
+        "samples": args.samples,
+        "fanout_events": args.fanout_events,
+        "results": results,
+        "bars": {k: {"comparison": c, "bar": b, "meets": meets(k, results.get(k, 0))}
+                 for k, (c, b) in BARS.items() if k in results},
+    }
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
