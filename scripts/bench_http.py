@@ -339,7 +339,7 @@ def main() -> int:
     threads = max(64, (max(args.streams, args.readers) // args.workers) + 64)
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     results: dict = {"workers": args.workers, "threads_per_worker": threads,
-                     "cpus": os.cpu_count()}
+                     "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as logs, UpstreamProcess() as upstream:
         service = Service(namespace, upstream.url, logs, workers=args.workers,
                           threads=threads, max_bytes=args.max_bytes, ping_interval=5)
@@ -367,9 +367,12 @@ def main() -> int:
         finally:
             service.stop()
             ShmStore(namespace).purge()
+    print(f"\nload average before {results['loadavg_before'][0]:.2f}, after "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (the upstream, the service and "
+          f"this client share them; other load makes the tails meaningless)")
     latency = results.get("latency", {})
     if "added_p50_ms" in latency:
-        print(f"\nservice adds p50 {latency['added_p50_ms']:.2f} ms, p99 "
+        print(f"service adds p50 {latency['added_p50_ms']:.2f} ms, p99 "
               f"{latency['added_p99_ms']:.2f} ms (direct p50 {latency['direct']['p50']:.2f} / "
               f"p99 {latency['direct']['p99']:.2f} ms; errors "
               f"{latency['service']['errors']} + {latency['direct']['errors']})")
