@@ -74,7 +74,11 @@ function save() {
     const [mine, theirs] = [chat.turns.at(-1).answer, stored.turns.at(-1).answer];
     if (isBehind(mine, theirs)) return;
   }
-  localStorage.setItem(chatKey(chat.id), JSON.stringify(chat));
+  try {
+    localStorage.setItem(chatKey(chat.id), JSON.stringify(chat));
+  } catch { // quota: keep reading; only a reload would lose the unsaved part
+    notice = "this browser's storage is full: the answer is not saved";
+  }
 }
 
 function openChat(id) {
