@@ -29,7 +29,7 @@ from .store import (
     matches_lookup,
     now_us,
 )
-from .sync import _PID, flocked, process_alive, process_start_time
+from .sync import _PID, LockTimeout, flocked, process_alive, process_start_time
 
 log = logging.getLogger("shmstream.store")
 
@@ -37,6 +37,8 @@ log = logging.getLogger("shmstream.store")
 # word before it sleeps in the kernel; slower streams (chat tokens) never spin.
 SPIN_NS = 50_000
 SPIN_BATCH = 16
+# abort_producers runs often (supervisor, child_exit): it skips a busy segment quickly.
+REAP_LOCK_TIMEOUT = 1.0
 
 _RUNNING = State.RUNNING
 _STATE_I = layout.STATE_I
@@ -456,6 +458,11 @@ class ShmStore(SessionStore):
                 session = ShmSession(seg, "")
                 try:
                     self._collect(session, name, cutoff_us, report)
+                except LockTimeout:
+                    # Nobody can use this session again; its readers time out too.
+                    log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
+                    segment.unlink(name)
+                    report.corrupt_removed += 1
                 finally:
                     session.close()
             for name in segment.list_orphan_semaphores(self.namespace):
@@ -498,9 +505,16 @@ class ShmStore(SessionStore):
             try:
                 header = session.segment.header
                 session.segment.lock.release_if_dead_owner()
-                with session.segment.lock:
+                try:
+                    session.segment.lock.acquire(timeout=REAP_LOCK_TIMEOUT)
+                except LockTimeout:
+                    log.error("segment %s: lock stuck; left to gc", name)
+                    continue
+                try:
                     running = header.state is State.RUNNING
                     pid, start_time = header.producer_pid, header.producer_start
+                finally:
+                    session.segment.lock.release()
                 if not running:
                     continue
                 if targets is None:

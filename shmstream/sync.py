@@ -139,6 +139,12 @@ class LockTimeout(Exception):
     """The lock stayed held by a live process for longer than the caller allowed."""
 
 
+# Holders keep a segment lock for microseconds (a 4 MiB copy takes about a millisecond).
+# A lock held this long is stuck (see RobustLock's known gap): callers give up instead of
+# hanging, and gc removes the segment.
+STUCK_LOCK_TIMEOUT = 10.0
+
+
 @contextlib.contextmanager
 def flocked(path: str, shared: bool = False) -> Iterator[None]:
     """Hold ``flock`` on ``path`` (created 0600 if missing). The kernel drops it if we die.
@@ -180,7 +186,7 @@ class RobustLock:
         self._guard_path = guard_path
         self.check_interval = check_interval
 
-    def acquire(self, timeout: float | None = None) -> None:
+    def acquire(self, timeout: float | None = STUCK_LOCK_TIMEOUT) -> None:
         """Block until held. Raises :class:`LockTimeout` after ``timeout`` seconds."""
         try:
             self._semaphore.acquire(self.check_interval)
@@ -188,7 +194,7 @@ class RobustLock:
             self.acquire_contended(timeout)
         self._owner[self._owner_index] = _PID.value
 
-    def acquire_contended(self, timeout: float | None = None) -> None:
+    def acquire_contended(self, timeout: float | None = STUCK_LOCK_TIMEOUT) -> None:
         """The slow path, after one ``check_interval`` wait failed: recover from a dead
         holder or keep waiting. The caller records itself as owner afterwards."""
         deadline = None if timeout is None else time.monotonic() + timeout
