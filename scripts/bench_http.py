@@ -271,6 +271,7 @@ def cancel_phase(args, service: Service, upstream: UpstreamProcess) -> dict:
     import threading
 
     latencies = {"mid-stream": [], "prompt processing": []}
+    delete_ms, after_204_ms = [], []
     with httpx.Client(timeout=30) as client:
         for attempt in range(args.cancels):
             kind = "mid-stream" if attempt % 2 == 0 else "prompt processing"
@@ -301,11 +302,13 @@ def cancel_phase(args, service: Service, upstream: UpstreamProcess) -> dict:
             started = time.time()
             with httpx.Client(timeout=10) as fresh:  # a new connection: any worker
                 fresh.delete(f"{service.url}/v1/stream/{tag}")
+            delete_ms.append((time.time() - started) * 1000)
             while (closed := record()["closed_at"]) is None:
                 if time.time() - started > 5:
                     raise RuntimeError("the upstream connection stayed open")
                 time.sleep(0.002)
             latencies[kind].append((closed - started) * 1000)
+            after_204_ms.append((closed - started) * 1000 - delete_ms[-1])
             poster.join(10)
     access = service.access()
     posts = [pid for pid, method, target, _ in access
@@ -314,7 +317,11 @@ def cancel_phase(args, service: Service, upstream: UpstreamProcess) -> dict:
     cross = sum(1 for p, d in zip(posts[-args.cancels:], deletes, strict=False) if p != d)
     return {kind: {"n": len(v), "p50_ms": round(statistics.median(v), 1),
                    "max_ms": round(max(v), 1)} for kind, v in latencies.items() if v} | {
-        "cross_worker": f"{cross} of {len(deletes)} DELETEs ran on another worker"}
+        "cross_worker": f"{cross} of {len(deletes)} DELETEs ran on another worker",
+        "delete_request_ms": {"p50": round(statistics.median(delete_ms), 1),
+                              "max": round(max(delete_ms), 1)},
+        "after_the_204_ms": {"p50": round(statistics.median(after_204_ms), 1),
+                             "max": round(max(after_204_ms), 1)}}
 
 
 def main() -> int:
