@@ -299,10 +299,10 @@ def cancel_phase(args, service: Service, upstream: UpstreamProcess) -> dict:
                     raise RuntimeError("the upstream never got the request")
                 time.sleep(0.01)
             time.sleep(0.3)  # silence
-            started = time.time()
             with httpx.Client(timeout=10) as fresh:  # a new connection: any worker
+                started = time.time()  # (after the client's setup, before it connects)
                 fresh.delete(f"{service.url}/v1/stream/{tag}")
-            delete_ms.append((time.time() - started) * 1000)
+                delete_ms.append((time.time() - started) * 1000)
             while (closed := record()["closed_at"]) is None:
                 if time.time() - started > 5:
                     raise RuntimeError("the upstream connection stayed open")
