@@ -30,8 +30,9 @@ A segment is one POSIX shared-memory object::
   ticks since boot) identify the producing process without pid-reuse ambiguity.
 - ``lock_owner_pid`` is the last process that took the segment's semaphore; it lets a waiter
   recover the lock from a holder that died.
-- ``futex`` is a doorbell bumped after every publish; ``waiters`` counts readers asleep on it
-  so a producer skips the wake syscall when nobody waits.
+- ``futex`` is a doorbell bumped after every publish; ``waiters`` counts readers asleep on
+  it that no publish has rung for yet: a producer rings only when it is non-zero and then
+  zeroes it, so it makes one wake syscall per sleep, none while nobody sleeps.
 
 Every field is read and written under the segment's semaphore except the doorbell and the
 ``flags`` peek of the cancel watcher. Stores go through ``memoryview.cast`` element

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from time import perf_counter_ns
 
 from posix_ipc import BusyError
 
-from . import layout, ring, segment
+from . import layout, metrics, ring, segment
 from .errors import InvalidConversationId, StoreUnavailable
 from .layout import FLAG_CANCEL, CorruptSegment, State
 from .store import (
@@ -102,6 +103,8 @@ class ShmSession(Session):
                 q[_DROPPED_Q] = total - capacity
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
+            if waiters:
+                i[_WAITERS_I] = 0  # this ring wakes them all; see _sleep
         finally:
             q[_LOCK_OWNER_Q] = 0
             self._semaphore.release()
@@ -127,7 +130,10 @@ class ShmSession(Session):
                 i[_STATE_I] = state
                 q[_COMPLETED_AT_Q] = now_us()
                 i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
-            waiters = i[_WAITERS_I]
+                waiters = i[_WAITERS_I]
+                i[_WAITERS_I] = 0
+            else:
+                waiters = 0
         if waiters:
             self._doorbell.ring()
         return ended
@@ -207,14 +213,28 @@ class ShmSession(Session):
         try:
             self._doorbell.wait(self._ticket, timeout)
         finally:
+            # Every publish bumps the word and, under the same lock, takes all counted
+            # waiters off the count as it rings for them. So if the word moved since we
+            # armed, the first publish after that already uncounted us: a producer rings
+            # once per sleep, not once per append while the sleeper is waking up.
             with self._lock:
-                self._i[_WAITERS_I] -= 1
+                if self._i[_FUTEX_I] == self._ticket:
+                    self._i[_WAITERS_I] -= 1
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._ring = None
             self.segment.close()
+
+
+def _id_tag(session: ShmSession) -> str:
+    """The log handle of a session opened without its id (gc): the stored id's hash."""
+    try:
+        stored = session.segment.header.metadata().get("id")
+    except CorruptSegment:
+        return "unknown"
+    return segment.short_hash(stored) if isinstance(stored, str) else "unknown"
 
 
 class ShmStore(SessionStore):
@@ -253,9 +273,11 @@ class ShmStore(SessionStore):
                 self.namespace, conversation_id, capacity=self.capacity, metadata=record,
                 started_at_us=now_us(), producer_pid=pid, producer_start=process_start_time(pid),
             )
-        log.info("session created id=%s%s", segment.short_hash(conversation_id),
-                 " (replaced a live one)" if replaced else "")
-        return ShmSession(seg, conversation_id)
+        log.info("session created id=%s replaced=%s", segment.short_hash(conversation_id),
+                 "yes" if replaced else "no")
+        session = ShmSession(seg, conversation_id)
+        session.replaced = replaced
+        return session
 
     def restore(
         self,
@@ -482,10 +504,14 @@ class ShmStore(SessionStore):
         if state is State.RUNNING and not process_alive(pid, start_time):
             if session.finalize(State.ABORTED):
                 report.aborted += 1
-                log.warning("gc: producer pid %d died; session %s aborted", pid, name)
+                log.warning("session aborted id=%s producer pid %d died (gc, segment %s)",
+                            _id_tag(session), pid, name)
         elif state.is_terminal and completed <= cutoff_us:
+            tag = _id_tag(session)
             segment.unlink(name)
             report.expired += 1
+            log.info("session expired id=%s state=%s ended %.0fs ago", tag, state.label,
+                     (cutoff_us - completed) / 1e6 + self.ttl)
             return
         report.kept += 1
 
@@ -523,7 +549,8 @@ class ShmStore(SessionStore):
                     doomed = pid in targets
                 if doomed and session.finalize(State.ABORTED):
                     aborted += 1
-                    log.warning("session aborted: producer pid %d %s (segment %s)", pid,
+                    log.warning("session aborted id=%s producer pid %d %s (segment %s)",
+                                segment.short_hash(session.conversation_id), pid,
                                 "died" if targets is None else "stopped", name)
             finally:
                 session.close()
@@ -542,4 +569,7 @@ class ShmStore(SessionStore):
         for path in (segment.recovery_lock_path(self.namespace), self._registry_lock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        # The service's Prometheus files live beside the segments (shmstream.metrics).
+        shutil.rmtree(metrics.directory_for(self.namespace, segment.SHM_DIR),
+                      ignore_errors=True)
         return removed
