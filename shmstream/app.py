@@ -14,7 +14,10 @@ import os
 import falcon
 
 from .config import Settings
+from .cors import Cors, is_preflight
 from .errors import ShmstreamError, Unauthorized
+from .health import HealthProbe, HealthResource
+from .metrics import MetricsResource
 from .resources import (
     STREAM_PREFIX,
     LookupResource,
@@ -27,7 +30,8 @@ from .webui import add_webui, is_webui_path
 
 log = logging.getLogger("shmstream.app")
 
-# Paths llama-server serves without an API key (plus its web UI: "/" and *.html).
+# Paths llama-server serves without an API key (plus its web UI: "/" and *.html). The
+# model list stays public as there; /metrics is not (llama-server asks for the key too).
 PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/models", "/v1/models", "/api/tags"})
 
 
@@ -71,14 +75,15 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception
 
 class ApiKeyCheck:
     """llama-server's ``--api-key``: ``Authorization: Bearer <key>`` or ``X-Api-Key``,
-    except for the health and model list paths, the web UI pages and CORS preflights."""
+    except for the health and model list paths, the web UI pages and CORS preflights
+    (which :class:`~shmstream.cors.Cors` answers before this check runs)."""
 
     def __init__(self, api_key: str):
         self._key = api_key.encode()
 
     @staticmethod
     def is_public(req: falcon.Request) -> bool:
-        if req.method == "OPTIONS" or req.path in PUBLIC_PATHS:
+        if is_preflight(req) or req.path in PUBLIC_PATHS:
             return True
         return req.method in ("GET", "HEAD") and (req.path == "/" or req.path.endswith(".html")
                                                   or is_webui_path(req.path))
@@ -108,12 +113,19 @@ def create_app(store: SessionStore, settings: Settings, upstream: Upstream,
     """Wire the routes. ``store`` and ``upstream`` are this process's (make them after
     fork); ``relay`` defaults to one with its own producer watcher."""
     relay = relay or Relay(store, upstream, settings.ping_interval)
-    middleware = [ApiKeyCheck(settings.api_key)] if settings.api_key else []
+    middleware = [Cors(settings.cors_origins)]  # first: preflights need no key
+    if settings.api_key:
+        middleware.append(ApiKeyCheck(settings.api_key))
     app = falcon.App(middleware=middleware, media_type=JSON_TYPE)
     # Proxied answers keep exactly the upstream's headers: no default Content-Type.
     app.resp_options.default_media_type = None
     app.req_options.strip_url_path_trailing_slash = False
     app.add_route("/v1/streams/lookup", LookupResource(store))
+    health = HealthResource(HealthProbe(upstream, store, settings.backend,
+                                        settings.upstream_api_key))
+    app.add_route("/health", health)  # answered here, the upstream's health inside
+    app.add_route("/v1/health", health)
+    app.add_route("/metrics", MetricsResource(store))
     add_webui(app)  # the chat page at /shmstream/ (routes win over the sinks below)
     # Sinks: later ones win. The stream sink takes the raw URI (ids contain slashes).
     app.add_sink(ProxyResource(relay, upstream, settings.upstream_api_key), prefix=r"/")

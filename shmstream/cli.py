@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-sessions", type=int, default=None)
     serve.add_argument("--max-shm-bytes", type=int, default=None)
     serve.add_argument("--backend", default=None, help="'shm' or a redis:// URL")
+    serve.add_argument("--cors-origins", default=None,
+                       help="'*' (default), 'none' or comma-separated allowed origins")
     serve.add_argument("--demo-tokens-per-second", type=float, default=None)
 
     supervise = commands.add_parser("supervise", help="run GC and dead-producer reaping")

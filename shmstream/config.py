@@ -27,6 +27,7 @@ class Settings:
     max_sessions: int | None = None
     max_shm_bytes: int | None = None
     backend: str = "shm"  # "shm" or a redis:// URL
+    cors_origins: str = "*"  # "*", "none" or comma-separated origins (shmstream.cors)
     demo_tokens_per_second: float = 20.0
 
     @classmethod

@@ -32,6 +32,8 @@ proc_name = "shmstream"
 # test runs) would fight over it. shmstream's own tools read shared memory instead.
 control_socket_disable = True
 accesslog = os.environ.get("SHMSTREAM_ACCESS_LOG") or None
+# Ids are capabilities: the access log shows a hash where a request line has one.
+logger_class = "shmstream.accesslog.RedactingLogger"
 
 when_ready = gunicorn_hooks.when_ready
 child_exit = gunicorn_hooks.child_exit

@@ -8,12 +8,17 @@
 - ``on_reload`` (SIGHUP): nothing to move; segments live in /dev/shm and old workers finish
   their streams within the graceful timeout.
 - ``on_exit``: stop the supervisor and abort whatever still runs.
+
+The master also owns the Prometheus multiprocess directory (:mod:`shmstream.metrics`): it
+makes it empty in ``when_ready``, before the supervisor and the workers start, drops a dead
+worker's live gauges in ``child_exit`` and removes it in ``on_exit``.
 """
 
 from __future__ import annotations
 
 import logging
 
+from . import metrics
 from .config import Settings
 from .supervisor import SupervisorProcess
 
@@ -49,6 +54,12 @@ def when_ready(server) -> None:
         settings.upstream or "built-in demo", settings.backend, settings.namespace,
         settings.max_bytes, settings.ttl,
     )
+    try:  # before any child starts: they inherit the variable
+        metrics_dir = metrics.prepare_directory(settings.namespace)
+        server.log.info("metrics: multiprocess directory %s", metrics_dir)
+    except OSError as exc:
+        server.log.error("metrics: cannot create the multiprocess directory (%s); each "
+                         "worker will report only its own counters", exc)
     supervisor = SupervisorProcess(settings)
     supervisor.start()
     _state["supervisor"] = supervisor
@@ -64,6 +75,7 @@ def _abort_before(server, handler_name: str) -> None:
         try:
             aborted = _store().abort_producers(pids)
             server.log.info("shutdown: aborted %d running session(s)", aborted)
+            metrics.producers_reaped(aborted, "shutdown")
         except Exception:
             server.log.exception("shutdown: could not abort running sessions")
         return original()
@@ -72,6 +84,7 @@ def _abort_before(server, handler_name: str) -> None:
 
 
 def child_exit(server, worker) -> None:
+    metrics.process_dead(worker.pid)  # its readers are gone with it
     try:
         aborted = _store().abort_producers([worker.pid])
     except Exception:
@@ -80,6 +93,7 @@ def child_exit(server, worker) -> None:
     if aborted:
         server.log.warning("worker %s exited: aborted %d of its running session(s)",
                            worker.pid, aborted)
+        metrics.producers_reaped(aborted, "child_exit")
 
 
 def on_reload(server) -> None:
@@ -96,3 +110,4 @@ def on_exit(server) -> None:
             server.log.info("exit: aborted %d orphaned session(s)", aborted)
     except Exception:
         server.log.exception("exit: could not abort running sessions")
+    metrics.remove_directory(_settings().namespace)

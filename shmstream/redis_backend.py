@@ -1130,9 +1130,11 @@ class RedisStore(SessionStore):
             notifier.release(control)
             raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
         self._keeper().add(gen, control)
-        log.info("session created id=%s gen=%s%s", segment.short_hash(conversation_id), gen,
-                 " (replaced a live one)" if replaced else "")
-        return RedisSession(self, gen, conversation_id, self.capacity, control=control)
+        log.info("session created id=%s gen=%s replaced=%s",
+                 segment.short_hash(conversation_id), gen, "yes" if replaced else "no")
+        session = RedisSession(self, gen, conversation_id, self.capacity, control=control)
+        session.replaced = bool(replaced)
+        return session
 
     # --- finding --------------------------------------------------------------------------
     def get(self, conversation_id: str) -> RedisSession | None:

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import falcon
 
+from . import metrics
 from .errors import (
     InvalidConversationId,
     InvalidOffset,
@@ -33,6 +34,7 @@ from .upstream import (
     JSON_TYPE,
     Relay,
     Upstream,
+    UpstreamError,
     UpstreamRequest,
     UpstreamResponse,
     request_headers,
@@ -49,6 +51,9 @@ STREAM_PREFIX = "/v1/stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_OFFSET = 2**63
 MAX_LOOKUP_BODY = 1024 * 1024
+MAX_LOOKUP_IDS = 1000
+MAX_CONVERSATION_ID_BYTES = 512  # UTF-8 bytes; the store itself takes up to 16 KiB
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 MAX_COMPLETION_BODY = 64 * 1024 * 1024  # parsed to find "stream"; images make bodies big
 CLIENT_CHECK_INTERVAL = 0.05  # seconds between two polls of a reader's socket
 _DIGITS = re.compile(rb"[0-9]*")
@@ -66,13 +71,27 @@ def wsgi_bytes(text: str) -> bytes:
 
 def utf8_id(raw: bytes) -> str:
     """A conversation id from its bytes. Raises MissingConversationId for empty ids and
-    InvalidConversationId for bytes that are not UTF-8."""
+    InvalidConversationId for bytes that are not UTF-8, longer than
+    ``MAX_CONVERSATION_ID_BYTES`` or with control characters."""
     if not raw:
         raise MissingConversationId()
+    if len(raw) > MAX_CONVERSATION_ID_BYTES:
+        raise InvalidConversationId(
+            f"Invalid conversation id: longer than {MAX_CONVERSATION_ID_BYTES} bytes")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidConversationId("Invalid conversation id: not valid UTF-8") from None
+    if _CONTROL_CHARACTERS.search(text):
+        raise InvalidConversationId("Invalid conversation id: contains control characters")
+    return text
+
+
+def acceptable_id(value) -> bool:
+    """Whether a lookup entry is an id the HTTP layer accepts (others are ignored)."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_CONVERSATION_ID_BYTES
+            and len(value.encode("utf-8", "surrogatepass")) <= MAX_CONVERSATION_ID_BYTES
+            and not _CONTROL_CHARACTERS.search(value))
 
 
 def raw_path(environ: dict) -> tuple[bytes, bool]:
@@ -241,6 +260,7 @@ class SessionBody:
     def __init__(self, session: Session, offset: int, should_stop: Callable[[], bool]):
         self._session: Session | None = session
         self._chunks = session.read(offset, should_stop=should_stop)
+        metrics.reader_attached()
 
     def __iter__(self) -> SessionBody:
         return self
@@ -251,6 +271,7 @@ class SessionBody:
         try:
             return next(self._chunks)
         except OffsetLost:
+            metrics.offset_lost("lapped")
             self.close()
             raise StopIteration from None
         except StopIteration:
@@ -260,6 +281,7 @@ class SessionBody:
     def close(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
+            metrics.reader_detached()
             self._chunks.close()
             session.close()
 
@@ -322,6 +344,7 @@ class StreamResource:
         try:
             offset = parse_offset(req.env)
             if offset < session.info().dropped_bytes:
+                metrics.offset_lost("attach")
                 raise OffsetLost()
         except BaseException:
             session.close()
@@ -349,7 +372,9 @@ class LookupResource:
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"invalid body: {exc}") from None
         wanted = body.get("conversation_ids") if isinstance(body, dict) else None
-        ids = [v for v in wanted if isinstance(v, str) and v] if isinstance(wanted, list) else []
+        if isinstance(wanted, list) and len(wanted) > MAX_LOOKUP_IDS:
+            raise InvalidRequest(f"too many conversation ids: at most {MAX_LOOKUP_IDS}")
+        ids = [v for v in wanted if acceptable_id(v)] if isinstance(wanted, list) else []
         infos = self.store.lookup(ids) if ids else []
         resp.content_type = JSON_TYPE
         resp.data = json.dumps([info.lookup_entry() for info in infos]).encode()
@@ -428,7 +453,11 @@ class ProxyResource:
                                     with_length=body is None),
             body=body_chunks(req.env) if body is None else body,
         )
-        response = self.upstream.open(request)
+        try:
+            response = self.upstream.open(request)
+        except UpstreamError:
+            metrics.upstream_error("proxy")
+            raise
         resp.status = response.status
         for name, value in response_headers(response.headers):
             resp.append_header(name, value)

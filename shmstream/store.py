@@ -76,6 +76,7 @@ class Session(abc.ABC):
     """
 
     conversation_id: str
+    replaced = False  # set by create_or_replace: a session with this id was there before
 
     # --- producing ------------------------------------------------------------------------
     @abc.abstractmethod

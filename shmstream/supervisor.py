@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+from . import metrics
 from .config import Settings
 from .store import SessionStore
 
@@ -94,12 +95,14 @@ class Supervisor:
         aborted = self.store.abort_producers()
         if aborted:
             log.warning("reaped %d session(s) whose producer died", aborted)
+            metrics.producers_reaped(aborted, "supervisor")
         return aborted
 
     def collect(self):
         report = self.store.gc()
         if report.expired or report.aborted or report.corrupt_removed or report.locks_recovered:
             log.info("gc: %s", report)
+            metrics.gc_report(report)
         return report
 
 
@@ -122,6 +125,7 @@ def supervise(args) -> int:
     parent = os.environ.get(PARENT_ENV)
     if parent:
         _die_with_parent(int(parent))
+    metrics.get()  # reserve this process's metric files up front
     supervisor = Supervisor(settings.open_store(), settings.gc_interval)
     if args.once:
         supervisor.reap()

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import httpcore
 import httpx
 
+from . import metrics
 from .errors import ShmstreamError
 from .layout import State
 from .segment import short_hash
@@ -507,6 +508,7 @@ class Producer:
         self.started = time.monotonic()
         self.final_state: State | None = None
         self.finished = threading.Event()
+        self._cancel_observed = False
 
     # --- the caller's side ----------------------------------------------------------------
     def wait_answer(self, should_stop: Callable[[], bool] | None = None,
@@ -541,6 +543,7 @@ class Producer:
             self._last_append = time.monotonic()
             self._tail = (self._tail + data[-4:])[-4:]
         self._bytes += len(data)
+        metrics.bytes_appended(len(data))
         return appended
 
     def _append_error(self, error: dict) -> None:
@@ -563,11 +566,13 @@ class Producer:
                 self._set_answer(Answer(502, [("Content-Type", JSON_TYPE)],
                                         json.dumps({"error": error}).encode()))
                 self._append_error(error)
+                metrics.upstream_error("unreachable")
                 log.warning("session upstream-failed id=%s error=%r", self.log_id, exc.message)
                 return
             log.info("session upstream-answered id=%s status=%d after=%.3fs", self.log_id,
                      response.status, time.monotonic() - self.started)
             if not 200 <= response.status < 300:
+                metrics.upstream_error("status")
                 body = response.read(MAX_ERROR_BODY)
                 self._set_answer(Answer(response.status,
                                         response_headers(response.headers, reframed=True),
@@ -583,6 +588,7 @@ class Producer:
         except UpstreamError as exc:
             if not (self.abort.aborted or self.session.producer_should_stop):
                 self._append_error(error_object(502, exc.message, "server_error"))
+                metrics.upstream_error("broken")
                 log.warning("session upstream-broke id=%s error=%r", self.log_id, exc.message)
         except Exception:
             log.exception("session producer-crashed id=%s", self.log_id)
@@ -599,7 +605,9 @@ class Producer:
             self._open = False
             try:
                 if self.session.producer_should_stop:
-                    state = self.session.info().state
+                    info = self.session.info()
+                    state = info.state
+                    self._observe_cancel(info)  # closed by the producer, not the watcher
                 if self.session.finalize(state):
                     self.final_state = state
                 else:
@@ -612,6 +620,8 @@ class Producer:
         log.info("session ended id=%s state=%s bytes=%d seconds=%.3f", self.log_id,
                  self.final_state.label if self.final_state else "?", self._bytes,
                  time.monotonic() - self.started)
+        if self.final_state is not None:
+            metrics.session_ended(self.final_state.label)
         self.finished.set()
 
     # --- the watcher's side ---------------------------------------------------------------
@@ -627,9 +637,22 @@ class Producer:
                 if _at_boundary(self._tail):
                     self.session.append(PING)
                     self._tail = PING
+                    metrics.bytes_appended(len(PING))
                 self._last_append = now
         if stop and self.abort.abort():
+            with self._lock:
+                if self._open:
+                    with contextlib.suppress(Exception):
+                        self._observe_cancel(self.session.info())
             log.info("session cancel-observed id=%s upstream call aborted", self.log_id)
+
+    def _observe_cancel(self, info) -> None:
+        """Once per producer: the time from its session's cancel (``completed_at``, set in
+        whichever process cancelled) to now, when the upstream call is being closed."""
+        if self._cancel_observed or info.state is not State.CANCELLED or not info.completed_at:
+            return
+        self._cancel_observed = True
+        metrics.cancel_latency(time.time() - info.completed_at)
 
     def shutdown(self) -> None:
         """The process is going away: end the session as aborted and cut the call."""
@@ -727,8 +750,10 @@ class Relay:
             session.close()
             raise
         producer = Producer(session, self.upstream, request, self.ping_interval, self.watcher)
-        log.info("session started id=%s pid=%d route=%s", producer.log_id, os.getpid(),
-                 request.target.split("?", 1)[0])
+        replaced = bool(getattr(session, "replaced", False))
+        metrics.session_created(replaced)
+        log.info("session started id=%s pid=%d route=%s replaced=%s", producer.log_id,
+                 os.getpid(), request.target.split("?", 1)[0], "yes" if replaced else "no")
         try:
             producer.start()
         except BaseException:

@@ -31,10 +31,12 @@ def _configure_logging() -> None:
 
 def build():
     """This process's app, from ``SHMSTREAM_*`` variables."""
+    from . import metrics
     from .app import create_app, make_upstream
     from .config import Settings
 
     _configure_logging()
+    metrics.get()  # reserve this worker's metric files now, not when /dev/shm may be full
     settings = Settings.from_env()
     store = settings.open_store()
     return create_app(store, settings, make_upstream(settings))

@@ -642,7 +642,8 @@ def test_demo_models_and_health(demo):
     models = demo.client.simulate_get("/v1/models").json
     assert [m["id"] for m in models["data"]] == [DEMO_MODEL]
     assert "demo" in models["data"][0]["owned_by"]
-    assert demo.client.simulate_get("/health").json == {"status": "ok"}
+    health = demo.client.simulate_get("/health").json
+    assert health["status"] == "ok" and health["upstream"]["health"] == {"status": "ok"}
     assert demo.client.simulate_get("/nope").status_code == 404
 
 
