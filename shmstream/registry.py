@@ -424,20 +424,19 @@ class ShmStore(SessionStore):
         return self._infos(segment.list_names(self.namespace))
 
     def lookup(self, conversation_ids: Iterable[str]) -> list[SessionInfo]:
-        requested = []
+        requested, prefixes = [], set()
         for conversation_id in conversation_ids:
             try:
-                requested.append((conversation_id,
-                                  segment.base_prefix(self.namespace, conversation_id)))
+                prefixes |= segment.lookup_prefixes(self.namespace, conversation_id)
             except InvalidConversationId:
                 continue
+            requested.append(conversation_id)
         if not requested:
             return []
-        prefixes = {prefix for _, prefix in requested}
         names = [n for n in segment.list_names(self.namespace) if segment.prefix_of(n) in prefixes]
         return [
             info for info in self._infos(names)
-            if any(matches_lookup(info.conversation_id, rid) for rid, _ in requested)
+            if any(matches_lookup(info.conversation_id, rid) for rid in requested)
         ]
 
     # --- removing -------------------------------------------------------------------------

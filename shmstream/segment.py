@@ -59,9 +59,16 @@ def base_id(raw_id: bytes) -> bytes:
     return raw_id.split(b"::", 1)[0]
 
 
-def base_prefix(namespace: str, conversation_id: str) -> str:
-    """The file-name prefix shared by ``conversation_id`` and every ``<id>::...`` session."""
-    return f"{namespace}.{_digest(base_id(encode_id(conversation_id)), _BASE_HASH_HEX)}"
+def lookup_prefixes(namespace: str, conversation_id: str) -> set[str]:
+    """The file-name prefixes under which ``conversation_id`` and every ``<id>::...``
+    session live. Usually one; two when the id ends in ``:`` and has no ``::`` of its
+    own, since then ``<id>::model`` splits one byte earlier (``a:`` -> ``a:::m``, base
+    ``a``)."""
+    raw = encode_id(conversation_id)
+    bases = {base_id(raw)}
+    if raw.endswith(b":") and b"::" not in raw:
+        bases.add(raw[:-1])
+    return {f"{namespace}.{_digest(base, _BASE_HASH_HEX)}" for base in bases}
 
 
 def segment_name(namespace: str, conversation_id: str) -> str:
@@ -72,7 +79,7 @@ def segment_name(namespace: str, conversation_id: str) -> str:
 
 
 def prefix_of(name: str) -> str:
-    """The :func:`base_prefix` part of a segment name."""
+    """The :func:`lookup_prefixes` part of a segment name."""
     return name[: len(name) - _ID_HASH_HEX]
 
 

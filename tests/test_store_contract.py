@@ -249,6 +249,15 @@ def test_lookup_exact_and_model_suffix(store):
         session.close()
 
 
+def test_lookup_of_an_id_ending_in_a_colon(store):
+    # "a:" + "::m" is "a:::m", whose first "::" starts one byte earlier than the suffix.
+    sessions = [store.create_or_replace(name) for name in ("a:", "a:::m", "a::m", "a")]
+    assert ids(store.lookup(["a:"])) == ["a:", "a:::m"]
+    assert ids(store.lookup(["a"])) == ["a", "a:::m", "a::m"]
+    for session in sessions:
+        session.close()
+
+
 def test_lookup_reports_state_and_totals(store):
     running = store.create_or_replace("look::a")
     running.append(b"abc")
