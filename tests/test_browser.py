@@ -23,6 +23,7 @@ import time
 
 import httpx
 import pytest
+from polling import wait_for as _wait_for
 from service import Service
 from sse_upstream import UpstreamProcess
 
@@ -184,13 +185,7 @@ def upstream_record(upstream: UpstreamProcess, tag: str) -> dict | None:
 
 
 def wait_for(predicate, timeout: float = 10.0, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
+    return _wait_for(predicate, timeout, step)
 
 
 def requests_of(service: Service, method: str, prefix: str) -> list[tuple[int, str, int]]:

@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+from polling import wait_for
 from service import VENV_BIN, Service, free_port
 from sse_upstream import UpstreamProcess
 
@@ -47,16 +48,6 @@ def service_factory(namespace, tmp_path):
 def upstream_record(upstream: UpstreamProcess, tag: str) -> dict | None:
     answer = httpx.get(f"{upstream.url}/_test/log", params={"tag": tag}, timeout=TIMEOUT)
     return answer.json() if answer.status_code == 200 else None
-
-
-def wait_for(predicate, timeout: float = 10.0, step: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 def chat(script: dict, stream: bool = True) -> dict:
@@ -254,7 +245,7 @@ def fakellm(tmp_path):
                 return httpx.get(url + "/_fakellm/stats", timeout=1).status_code == 200
             return False
 
-        wait_for(ready, timeout=30, step=0.1)
+        wait_for(ready, timeout=30, interval=0.1)
         yield url
     finally:
         process.terminate()

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from polling import wait_for
 from service import Service
 from sse_upstream import UpstreamProcess, expected_body
 
@@ -51,16 +52,6 @@ def start_generation(service: Service, conversation_id: str, tag: str, events: i
         for chunk in response.iter_raw():
             if b"data: " in chunk:
                 return
-
-
-def wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def serving_pid(client: socket.socket, candidates: list[int]) -> int | None:

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_until as _wait_until
 
 from shmstream import State
 from shmstream.config import Settings
@@ -23,12 +24,7 @@ pytestmark = pytest.mark.usefixtures("redis_url")
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    return _wait_until(predicate, timeout, interval)
 
 
 def run_python(code: str, *args: str) -> subprocess.Popen:

@@ -24,6 +24,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_until
 
 from shmstream import State, StoreUnavailable, layout, segment
 from shmstream.registry import ShmStore
@@ -70,15 +71,6 @@ def take(results: multiprocessing.Queue, count: int, timeout: float) -> list:
         except queue.Empty:
             pytest.fail(f"only {len(got)} of {count} child results within {timeout} s")
     return got
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def events(seed: int, count: int, max_size: int):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_until as _wait_until
 
 from shmstream import InvalidConversationId, OffsetLost, State
 
@@ -62,12 +63,7 @@ class ReaderThread(threading.Thread):
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    return _wait_until(predicate, timeout, interval)
 
 
 def ids(infos) -> list[str]:

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_for as _wait_for
 from sse_upstream import InThreadUpstream, expected_body
 
 from shmstream.layout import State
@@ -58,13 +59,7 @@ def completion(script: dict, stream: bool = True, headers=()) -> UpstreamRequest
 
 
 def wait_for(predicate, timeout: float = 5.0, step: float = 0.002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
+    return _wait_for(predicate, timeout, step)
 
 
 def read_all(session) -> bytes:
