@@ -797,12 +797,6 @@ class RedisSession(Session):
         self._total = total
         return True
 
-    def finalize(self, state: State = State.DONE) -> bool:
-        return self._finish(state, cancel=False)
-
-    def cancel(self) -> bool:
-        return self._finish(State.CANCELLED, cancel=True)
-
     def _finish(self, state: State, cancel: bool) -> bool:
         if state is State.RUNNING:
             raise ValueError("finalize needs a terminal state")

@@ -112,12 +112,6 @@ class ShmSession(Session):
             self._doorbell.ring()
         return True
 
-    def finalize(self, state: State = State.DONE) -> bool:
-        return self._finish(state, cancel=False)
-
-    def cancel(self) -> bool:
-        return self._finish(State.CANCELLED, cancel=True)
-
     def _finish(self, state: State, cancel: bool) -> bool:
         if state is _RUNNING:
             raise ValueError("finalize needs a terminal state")

@@ -83,14 +83,20 @@ class Session(abc.ABC):
     def append(self, data: bytes) -> bool:
         """Append bytes; False once the session is finalized (empty appends return True)."""
 
-    @abc.abstractmethod
     def finalize(self, state: State = State.DONE) -> bool:
         """End the session in ``state`` and wake every reader. True if this call ended it;
         a session already finished keeps its first terminal state."""
+        return self._finish(state, cancel=False)
 
-    @abc.abstractmethod
     def cancel(self) -> bool:
         """Flag the session cancelled (its producer observes it) and finalize it."""
+        return self._finish(State.CANCELLED, cancel=True)
+
+    @abc.abstractmethod
+    def _finish(self, state: State, cancel: bool) -> bool:
+        """Atomically: set the cancel flag if ``cancel``; if running, move to ``state``,
+        stamp the completion time and wake every reader. True if this call ended it.
+        Raises ValueError for ``State.RUNNING``."""
 
     @property
     @abc.abstractmethod
