@@ -309,7 +309,15 @@ def test_metrics_count_what_happens(make_app):
     app.client.simulate_post("/v1/chat/completions", json=chat(events=60, pad=40),
                              headers={"X-Conversation-Id": "m3"})
     assert app.get("/v1/stream/m3?from=0").status_code == 400  # dropped from a 4 KiB ring
-    after = scrape(app)
+    deadline = time.monotonic() + 5
+    while True:  # a producer counts its end just after its readers saw it
+        after = scrape(app)
+        ended = sum(after[f"shmstream_sessions_ended_total{{state={state}}}"]
+                    - before[f"shmstream_sessions_ended_total{{state={state}}}"]
+                    for state in metrics.ENDED_STATES)
+        if ended >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
 
     def delta(name: str) -> float:
         return after.get(name, 0) - before.get(name, 0)
