@@ -509,6 +509,7 @@ class Producer:
         self.final_state: State | None = None
         self.finished = threading.Event()
         self._cancel_observed = False
+        self._bytes_reported = 0  # of _bytes, to /metrics (guarded by _lock)
 
     # --- the caller's side ----------------------------------------------------------------
     def wait_answer(self, should_stop: Callable[[], bool] | None = None,
@@ -542,8 +543,7 @@ class Producer:
             appended = self.session.append(data)
             self._last_append = time.monotonic()
             self._tail = (self._tail + data[-4:])[-4:]
-        self._bytes += len(data)
-        metrics.bytes_appended(len(data))
+        self._bytes += len(data)  # counted in /metrics by the watcher and at the end
         return appended
 
     def _append_error(self, error: dict) -> None:
@@ -603,6 +603,7 @@ class Producer:
             response.close()
         with self._lock:
             self._open = False
+            self._report_bytes()
             try:
                 if self.session.producer_should_stop:
                     info = self.session.info()
@@ -632,6 +633,7 @@ class Producer:
         with self._lock:
             if not self._open:
                 return
+            self._report_bytes()
             stop = self.session.producer_should_stop
             if not stop and now - self._last_append >= self.ping_interval:
                 if _at_boundary(self._tail):
@@ -645,6 +647,14 @@ class Producer:
                     with contextlib.suppress(Exception):
                         self._observe_cancel(self.session.info())
             log.info("session cancel-observed id=%s upstream call aborted", self.log_id)
+
+    def _report_bytes(self) -> None:
+        """Add the bytes appended since the last call to /metrics (``_lock`` held): once
+        per watcher pass instead of once per append keeps the hot path free of it."""
+        appended = self._bytes
+        if appended != self._bytes_reported:
+            metrics.bytes_appended(appended - self._bytes_reported)
+            self._bytes_reported = appended
 
     def _observe_cancel(self, info) -> None:
         """Once per producer: the time from its session's cancel (``completed_at``, set in
