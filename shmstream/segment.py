@@ -195,15 +195,24 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
             raise
         mapping = mmap.mmap(memory.fd, size)
         try:
-            semaphore = posix_ipc.Semaphore(
-                "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
-            )
-        except posix_ipc.ExistentialError:
-            # A creator died between the two calls; under the registry lock it is garbage.
-            posix_ipc.unlink_semaphore("/" + name)
-            semaphore = posix_ipc.Semaphore(
-                "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
-            )
+            try:
+                semaphore = posix_ipc.Semaphore(
+                    "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
+                )
+            except posix_ipc.ExistentialError:
+                # A creator died between the two calls; under the registry lock it is garbage.
+                posix_ipc.unlink_semaphore("/" + name)
+                semaphore = posix_ipc.Semaphore(
+                    "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
+                )
+        except OSError as exc:
+            # The semaphore is a small file in /dev/shm too: the ring may have taken the
+            # last free page (posix_ipc raises a plain OSError with ENOSPC then).
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise StoreUnavailable(
+                    f"no room in {SHM_DIR} for a session's semaphore ({exc.strerror})"
+                ) from None
+            raise
         header = layout.Header(mapping)
         header.initialise(
             capacity=capacity, metadata_record=record, started_at_us=started_at_us,

@@ -154,6 +154,26 @@ def test_lookup_body_over_one_mib_is_413(app):
                  "invalid_request_error")
 
 
+def test_no_room_for_the_semaphore_is_503_and_leaves_nothing(app, namespace, monkeypatch):
+    import posix_ipc
+
+    from shmstream import segment
+
+    real = posix_ipc.Semaphore
+
+    def no_room(name, flags=0, **options):
+        if flags & posix_ipc.O_CREX == posix_ipc.O_CREX:  # creating, not opening
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(name, flags, **options)
+
+    monkeypatch.setattr(posix_ipc, "Semaphore", no_room)
+    result = app.client.simulate_post("/v1/chat/completions", json=chat(),
+                                      headers={"X-Conversation-Id": "nosem"})
+    assert_error(result, 503, "unavailable_error", "no room in /dev/shm")
+    assert segment.list_names(namespace) == []
+    assert segment.list_orphan_semaphores(namespace) == []
+
+
 # --- CORS and the API key ------------------------------------------------------------------
 
 PREFLIGHT = {"Origin": "https://chat.example", "Access-Control-Request-Method": "DELETE",
