@@ -28,27 +28,29 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shmstream import OffsetLost
+from benchkit import (
+    CHILD_DEADLINE,
+    EVENT,
+    MIB,
+    Children,
+    append_rate,
+    child_setup,
+    fanout_result,
+    fill_ring,
+    fresh_replay,
+    interrupted,
+    latency_summary,
+    monotonic_ns,
+    ping_delays,
+    progress,
+    read_to_end,
+)
+
 from shmstream.registry import ShmStore
 
-EVENT = b"x" * 199 + b"\n"  # 200 B
-MIB = 1024 * 1024
-CHILD_DEADLINE = 300.0  # a child gives up after this long, whatever happens to the parent
 # Children come from a fork server with the backends preloaded: cheap to start, and never
 # forked from a parent whose Redis listener/lease threads hold locks at that moment.
 CTX = multiprocessing.get_context("forkserver")
-
-
-def monotonic_ns() -> int:
-    """CLOCK_MONOTONIC is one clock for every process on the host: deltas across processes
-    are meaningful."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
-def progress(message: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r\033[K{message}")
-        sys.stderr.flush()
 
 
 def open_store(backend: str, namespace: str, capacity: int = 4 * MIB):
@@ -66,59 +68,17 @@ def purge(backend: str, namespace: str) -> None:
     store.close()
 
 
-def child_setup() -> float:
-    """Children ignore Ctrl-C (the parent cleans up) and return their deadline."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return time.monotonic() + CHILD_DEADLINE
-
-
-class Children:
-    """Started processes, all killed and reaped by :meth:`reap`."""
-
-    def __init__(self):
-        self.started: list = []
-
-    def start(self, target, *args):
-        process = CTX.Process(target=target, args=args, daemon=True)
-        process.start()
-        self.started.append(process)
-        return process
-
-    def reap(self) -> None:
-        for process in self.started:
-            if process.is_alive():
-                process.kill()
-        for process in self.started:
-            process.join(10)
-        self.started.clear()
-
-
 # --- children -------------------------------------------------------------------------------
 
 
 def _counting_reader(backend: str, namespace: str, conversation_id: str, ready, results):
     """Take the first chunk (the session's opening byte), say so, then read to the end; a
     lapped reader skips to the oldest held byte and counts the loss."""
-    deadline = child_setup()
+    deadline = child_setup(die_with_parent=False)
     store = open_store(backend, namespace)
     session = store.get(conversation_id)
-    received = lost = 0
-    offset = 0
-    announced = False
-    while True:
-        try:
-            for chunk in session.read(offset, should_stop=lambda: time.monotonic() > deadline):
-                received += len(chunk)
-                offset += len(chunk)
-                if not announced:  # the loop is now about to wait for the producer
-                    announced = True
-                    ready.put(os.getpid())
-            break
-        except OffsetLost:
-            dropped = session.info().dropped_bytes
-            lost += dropped - offset
-            offset = dropped
+    received, lost = read_to_end(session, deadline,
+                                 on_first_chunk=lambda: ready.put(os.getpid()))
     results.put((received - 1, lost, monotonic_ns()))
     session.close()
     store.close()
@@ -126,14 +86,10 @@ def _counting_reader(backend: str, namespace: str, conversation_id: str, ready, 
 
 def _latency_reader(backend: str, namespace: str, results) -> None:
     """Note how late each timestamp on "ping" arrived; acknowledge each on "pong"."""
-    deadline = child_setup()
+    deadline = child_setup(die_with_parent=False)
     store = open_store(backend, namespace, capacity=MIB)
     ping, pong = store.get("ping"), store.get("pong")
-    delays = []
-    for chunk in ping.read(0, should_stop=lambda: time.monotonic() > deadline):
-        arrived = monotonic_ns()
-        delays.append(arrived - int.from_bytes(chunk[-8:], "little"))
-        pong.append(b"k")
+    delays = ping_delays(ping, pong, deadline)
     results.put(delays)
     ping.close()
     pong.close()
@@ -143,30 +99,14 @@ def _latency_reader(backend: str, namespace: str, results) -> None:
 # --- measurements ---------------------------------------------------------------------------
 
 
-def append_rate(session, seconds: float, max_events: int) -> tuple[float, int]:
-    """Append 200 B events for about ``seconds`` (at most ``max_events``): (rate, count)."""
-    append = session.append
-    payload = EVENT
-    count = 0
-    started = time.perf_counter()
-    stop_at = started + seconds
-    while count < max_events:
-        for _ in range(500):
-            append(payload)
-        count += 500
-        if time.perf_counter() >= stop_at:
-            break
-    return count / (time.perf_counter() - started), count
-
-
 def bench_appends(backend: str, namespace: str, seconds: float, repeat: int) -> dict:
     store = open_store(backend, namespace)
     rates = []
     for run in range(repeat):
         progress(f"{label(backend)}: appends, run {run + 1}/{repeat}")
         session = store.create_or_replace(f"solo-{run}")
-        append_rate(session, min(0.2, seconds), 10**9)  # warm up (script cache, pages)
-        rate, _ = append_rate(session, seconds, 10**9)
+        append_rate(session, 10**9, min(0.2, seconds))  # warm up (script cache, pages)
+        rate, _ = append_rate(session, 10**9, seconds)
         rates.append(rate)
         session.finalize()
         session.close()
@@ -200,12 +140,7 @@ def bench_latency(backend: str, namespace: str, samples: int, pause: float,
     store.evict("ping")
     store.evict("pong")
     store.close()
-    return {
-        "latency_p50_us": delays[len(delays) // 2] / 1000,
-        "latency_p99_us": delays[min(len(delays) - 1, int(len(delays) * 0.99))] / 1000,
-        "latency_max_us": delays[-1] / 1000,
-        "latency_samples": len(delays),
-    }
+    return latency_summary("latency", delays)
 
 
 def bench_fanout(backend: str, namespace: str, readers: int, events: int,
@@ -224,45 +159,23 @@ def bench_fanout(backend: str, namespace: str, readers: int, events: int,
     time.sleep(0.1 + readers * 0.002)  # from "about to wait" to asleep
     progress(f"{label(backend)}: fan-out to {readers} readers")
     started = monotonic_ns()
-    producer_rate, _ = append_rate(session, 3600.0, events)
+    producer_rate, _ = append_rate(session, events, 3600.0)
     session.finalize()
-    outcomes = [results.get(timeout=CHILD_DEADLINE) for _ in range(readers)]
-    for process in processes:
-        process.join(10)
-    finished = max(end for _, _, end in outcomes)
-    seconds = (finished - started) / 1e9
-    received = sum(r for r, _, _ in outcomes)
-    lost = sum(lost for _, lost, _ in outcomes)
+    result = fanout_result(results, processes, events, started, producer_rate)
     session.close()
     store.evict(conversation_id)
     store.close()
-    return {
-        "readers": readers,
-        "chunks": events,
-        "seconds": seconds,
-        "chunks_delivered_per_s": received / len(EVENT) / seconds,
-        "producer_appends_per_s": producer_rate,
-        "complete": received == readers * events * len(EVENT) and lost == 0,
-    }
+    return result
 
 
 def bench_replay(backend: str, namespace: str, repeat: int) -> dict:
     capacity = 4 * MIB
     store = open_store(backend, namespace, capacity=capacity)
-    session = store.create_or_replace("replay")
-    for _ in range((capacity + 64 * 1024) // len(EVENT)):  # full, and wrapped
-        session.append(EVENT)
-    session.finalize()
-    dropped = session.info().dropped_bytes
+    session, dropped = fill_ring(store, capacity)
     timings = []
     for run in range(repeat):
         progress(f"{label(backend)}: replay {run + 1}/{repeat}")
-        started = time.perf_counter()
-        handle = store.get("replay")
-        data = b"".join(handle.read(dropped))
-        handle.close()
-        timings.append(time.perf_counter() - started)
-        assert len(data) == capacity, len(data)
+        timings.append(fresh_replay(store, dropped, capacity))
     session.close()
     store.evict("replay")
     store.close()
@@ -272,7 +185,7 @@ def bench_replay(backend: str, namespace: str, repeat: int) -> dict:
 
 def run_backend(backend: str, args, reader_counts: list[int]) -> dict:
     namespace = f"benchb{os.getpid()}x{uuid.uuid4().hex[:8]}"
-    children = Children()
+    children = Children(CTX)
     results: dict = {}
     try:
         results.update(bench_appends(backend, namespace, args.seconds, args.repeat))
@@ -412,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_version = client.info("server").get("redis_version", "")
             client.close()
     except KeyboardInterrupt:
-        progress("")
-        print("interrupted; cleaning up", file=sys.stderr)
-        return 130
+        return interrupted()
     finally:
         if server is not None:
             server.stop()

@@ -16,8 +16,6 @@ Runs in its own namespace, removed at exit (also on Ctrl-C and SIGTERM).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import multiprocessing
 import os
@@ -29,14 +27,27 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shmstream import OffsetLost
+from benchkit import (
+    CHILD_DEADLINE,
+    EVENT,
+    MIB,
+    Children,
+    append_rate,
+    child_setup,
+    fanout_result,
+    fill_ring,
+    fresh_replay,
+    interrupted,
+    latency_summary,
+    monotonic_ns,
+    ping_delays,
+    progress,
+    read_to_end,
+)
+
 from shmstream.registry import ShmStore
 
 CTX = multiprocessing.get_context("fork")
-EVENT = b"x" * 199 + b"\n"  # 200 B
-MIB = 1024 * 1024
-PR_SET_PDEATHSIG = 1
-CHILD_DEADLINE = 300.0  # a child gives up after this long, whatever happens to the parent
 
 BARS = {  # metric: (comparison, bar)
     "appends_per_s_no_reader": (">=", 1_000_000),
@@ -44,28 +55,6 @@ BARS = {  # metric: (comparison, bar)
     "wake_p50_us": ("<=", 40),
     "wake_p99_us": ("<=", 250),
 }
-
-
-def monotonic_ns() -> int:
-    """CLOCK_MONOTONIC is one clock for every process on the host: deltas across processes
-    are meaningful (perf_counter is the same clock on Linux, but say so explicitly)."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
-def progress(message: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r\033[K{message}")
-        sys.stderr.flush()
-
-
-def child_setup() -> float:
-    """Children ignore Ctrl-C (the parent cleans up), die with the parent, and return
-    their deadline."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    with contextlib.suppress(OSError, AttributeError):  # Linux only: PR_SET_PDEATHSIG
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    return time.monotonic() + CHILD_DEADLINE
 
 
 def wait_for_waiters(session, count: int, timeout: float = 60.0) -> None:
@@ -78,60 +67,24 @@ def wait_for_waiters(session, count: int, timeout: float = 60.0) -> None:
         time.sleep(0.001)
 
 
-class Children:
-    """Started processes, all killed and reaped by :meth:`reap`."""
-
-    def __init__(self):
-        self.started: list = []
-
-    def start(self, target, *args):
-        process = CTX.Process(target=target, args=args, daemon=True)
-        process.start()
-        self.started.append(process)
-        return process
-
-    def reap(self) -> None:
-        for process in self.started:
-            if process.is_alive():
-                process.kill()
-        for process in self.started:
-            process.join(10)
-        self.started.clear()
-
-
 # --- children -------------------------------------------------------------------------------
 
 
 def _counting_reader(namespace: str, conversation_id: str, results) -> None:
     """Read to the end; a lapped reader skips to the oldest held byte and counts the loss."""
-    deadline = child_setup()
+    deadline = child_setup(die_with_parent=True)
     session = ShmStore(namespace).get(conversation_id)
-    received = lost = 0
-    offset = 0
-    while True:
-        try:
-            for chunk in session.read(offset, should_stop=lambda: time.monotonic() > deadline):
-                received += len(chunk)
-                offset += len(chunk)
-            break
-        except OffsetLost:
-            dropped = session.info().dropped_bytes
-            lost += dropped - offset
-            offset = dropped
+    received, lost = read_to_end(session, deadline)
     results.put((received, lost, monotonic_ns()))
     session.close()
 
 
 def _latency_reader(namespace: str, results) -> None:
     """Receive timestamps on "ping", note how late each arrived, acknowledge on "pong"."""
-    deadline = child_setup()
+    deadline = child_setup(die_with_parent=True)
     store = ShmStore(namespace)
     ping, pong = store.get("ping"), store.get("pong")
-    delays = []
-    for chunk in ping.read(0, should_stop=lambda: time.monotonic() > deadline):
-        arrived = monotonic_ns()
-        delays.append(arrived - int.from_bytes(chunk[:8], "little"))
-        pong.append(b"k")
+    delays = ping_delays(ping, pong, deadline)
     pong.finalize()
     results.put(delays)
     ping.close()
@@ -141,15 +94,6 @@ def _latency_reader(namespace: str, results) -> None:
 # --- measurements ---------------------------------------------------------------------------
 
 
-def append_rate(session, events: int) -> float:
-    append = session.append
-    payload = EVENT
-    started = time.perf_counter()
-    for _ in range(events):
-        append(payload)
-    return events / (time.perf_counter() - started)
-
-
 def bench_appends_no_reader(namespace: str, events: int, repeat: int) -> dict:
     store = ShmStore(namespace, capacity=4 * MIB)
     rates = []
@@ -157,7 +101,7 @@ def bench_appends_no_reader(namespace: str, events: int, repeat: int) -> dict:
         progress(f"appends, no reader: run {run + 1}/{repeat}")
         session = store.create_or_replace(f"solo-{run}")
         append_rate(session, min(events, 20_000))  # warm up
-        rates.append(append_rate(session, events))
+        rates.append(append_rate(session, events)[0])
         session.finalize()
         session.close()
         store.evict(f"solo-{run}")
@@ -175,7 +119,7 @@ def bench_appends_one_reader(namespace: str, events: int, repeat: int,
         results = CTX.Queue()
         reader = children.start(_counting_reader, namespace, conversation_id, results)
         wait_for_waiters(session, 1)
-        rates.append(append_rate(session, events))
+        rates.append(append_rate(session, events)[0])
         session.finalize()
         received, lost_bytes, _ = results.get(timeout=CHILD_DEADLINE)
         reader.join(10)
@@ -210,12 +154,7 @@ def bench_wake_latency(namespace: str, samples: int, children: Children) -> dict
         session.close()
     store.evict("ping")
     store.evict("pong")
-    return {
-        "wake_p50_us": delays[len(delays) // 2] / 1000,
-        "wake_p99_us": delays[min(len(delays) - 1, int(len(delays) * 0.99))] / 1000,
-        "wake_max_us": delays[-1] / 1000,
-        "wake_samples": len(delays),
-    }
+    return latency_summary("wake", delays)
 
 
 def bench_fanout(namespace: str, readers: int, events: int, children: Children) -> dict:
@@ -229,44 +168,22 @@ def bench_fanout(namespace: str, readers: int, events: int, children: Children) 
     wait_for_waiters(session, readers)
     progress(f"fan-out to {readers} readers")
     started = monotonic_ns()
-    producer_rate = append_rate(session, events)
+    producer_rate, _ = append_rate(session, events)
     session.finalize()
-    outcomes = [results.get(timeout=CHILD_DEADLINE) for _ in range(readers)]
-    for process in processes:
-        process.join(10)
-    finished = max(end for _, _, end in outcomes)
-    seconds = (finished - started) / 1e9
-    received = sum(r for r, _, _ in outcomes)
-    lost = sum(lost for _, lost, _ in outcomes)
+    result = fanout_result(results, processes, events, started, producer_rate)
     session.close()
     store.evict(conversation_id)
-    return {
-        "readers": readers,
-        "chunks": events,
-        "seconds": seconds,
-        "chunks_delivered_per_s": received / len(EVENT) / seconds,
-        "producer_appends_per_s": producer_rate,
-        "complete": received == readers * events * len(EVENT) and lost == 0,
-    }
+    return result
 
 
 def bench_replay(namespace: str, repeat: int) -> dict:
     capacity = 4 * MIB
     store = ShmStore(namespace, capacity=capacity)
-    session = store.create_or_replace("replay")
-    for _ in range((capacity + 64 * 1024) // len(EVENT)):  # full, and wrapped
-        session.append(EVENT)
-    session.finalize()
-    dropped = session.info().dropped_bytes
+    session, dropped = fill_ring(store, capacity)
     fresh, warm = [], []
     for _ in range(repeat):
         progress("replay of a full ring (fresh handle)")
-        started = time.perf_counter()
-        handle = store.get("replay")
-        data = b"".join(handle.read(dropped))
-        handle.close()
-        fresh.append(time.perf_counter() - started)
-        assert len(data) == capacity
+        fresh.append(fresh_replay(store, dropped, capacity))
     handle = store.get("replay")
     for _ in range(repeat):
         progress("replay of a full ring (warm handle)")
@@ -360,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     from shmstream import sync
 
     namespace = f"bench{os.getpid()}x{uuid.uuid4().hex[:8]}"
-    children = Children()
+    children = Children(CTX)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict = {}
     try:
@@ -374,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                              for n in reader_counts]
         results.update(bench_replay(namespace, repeat=20))
     except KeyboardInterrupt:
-        progress("")
-        print("interrupted; cleaning up", file=sys.stderr)
-        return 130
+        return interrupted()
     finally:
         children.reap()
         ShmStore(namespace).purge()
