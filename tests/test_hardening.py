@@ -452,3 +452,26 @@ def test_access_log_redaction():
         "/v1/stream?conv_id=~" + short_hash("secret")
     assert "secret" not in redact_target("/v1/stream/secret?from=1")
     assert redact_path("/v1/stream/%FF", encoded=True) == "/v1/stream/~invalid"
+
+
+def test_health_and_metrics_on_every_backend(store_factory, upstream_server):
+    store = store_factory()
+    settings = Settings(namespace=store_factory.namespace, upstream=upstream_server.url,
+                        backend="shm" if store_factory.backend == "shm" else "redis://x")
+    upstream = HttpUpstream(upstream_server.url)
+    relay = Relay(store, upstream, 0.1)
+    client = falcon.testing.TestClient(create_app(store, settings, upstream, relay=relay))
+    try:
+        assert client.simulate_post("/v1/chat/completions", json=chat(),
+                                    headers={"X-Conversation-Id": "b"}).status_code == 200
+        health = client.simulate_get("/health")
+        assert health.status_code == 200
+        assert health.json["store"] == {"backend": store_factory.backend, "ok": True}
+        text = client.simulate_get("/metrics").text
+        values = {sample.name + str(sorted(sample.labels.items())): sample.value
+                  for family in text_string_to_metric_families(text)
+                  for sample in family.samples}
+        assert values["shmstream_sessions[('state', 'done')]"] == 1
+    finally:
+        relay.watcher.shutdown()
+        upstream.close()
