@@ -8,11 +8,13 @@ that no worker died while it ran."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -654,3 +656,34 @@ def test_a_full_real_tmpfs_is_503_and_no_worker_dies(own_service):
         assert values["shmstream_sessions_created_total"] == created + 2
         assert "metrics off" not in service.log_text()  # files reserved before it filled
     print(f"a {TMPFS_BYTES >> 20} MiB tmpfs held {created} sessions of 1 MiB, then 503")
+
+
+def test_a_killed_worker_is_counted_and_its_readers_dropped(own_service):
+    service = own_service(workers=2)
+    before = scrape(service)
+    client = httpx.Client(timeout=TIMEOUT)
+    with client.stream("POST", service.url + "/v1/chat/completions",
+                       json=chat(events=3, stall_at=1, stall=30),
+                       headers={"X-Conversation-Id": "doomed"}) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw()
+        next(chunks)
+        assert scrape(service)["shmstream_readers"] == 1
+        [info] = ShmStore(service.namespace).list()
+        os.kill(info.producer_pid, signal.SIGKILL)
+        with contextlib.suppress(httpx.HTTPError):
+            for _ in chunks:
+                pass
+    client.close()
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(service)
+        reaped = sum(after[f"shmstream_producers_reaped_total{{reaper={reaper}}}"]
+                     - before[f"shmstream_producers_reaped_total{{reaper={reaper}}}"]
+                     for reaper in metrics.REAPERS)
+        if reaped == 1 and after["shmstream_readers"] == 0:
+            break
+        assert time.monotonic() < deadline, (reaped, after["shmstream_readers"])
+        time.sleep(0.05)
+    assert after["shmstream_sessions{state=aborted}"] == 1
+    assert after["shmstream_sessions_created_total"] == 1  # the dead worker's count stays
