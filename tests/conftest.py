@@ -7,6 +7,7 @@ import os
 import uuid
 
 import pytest
+from sse_upstream import UpstreamProcess
 
 from shmstream import segment
 from shmstream.registry import ShmStore
@@ -17,13 +18,31 @@ def _leftovers(namespace: str) -> list[str]:
             if e.startswith((namespace + ".", "sem." + namespace + "."))]
 
 
-@pytest.fixture
-def namespace():
-    """A fresh namespace, purged and checked empty after the test."""
-    name = f"t{os.getpid()}x{uuid.uuid4().hex[:10]}"
+def _fresh_namespace(tag: str):
+    name = f"t{os.getpid()}{tag}{uuid.uuid4().hex[:10]}"
     yield name
     ShmStore(name).purge()
     assert _leftovers(name) == [], "test left shared-memory objects behind"
+
+
+@pytest.fixture
+def namespace():
+    """A fresh namespace, purged and checked empty after the test."""
+    yield from _fresh_namespace("x")
+
+
+@pytest.fixture
+def other_namespace():
+    """A second fresh namespace (e.g. a restore target), purged and checked the same way."""
+    yield from _fresh_namespace("y")
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    """The scripted SSE upstream (tests/sse_upstream.py) as a real process; tests tell
+    their requests apart by the script's tag."""
+    with UpstreamProcess() as process:
+        yield process
 
 
 @pytest.fixture

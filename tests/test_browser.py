@@ -72,12 +72,6 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    with UpstreamProcess() as process:
-        yield process
-
-
 @pytest.fixture
 def start_service(namespace, tmp_path, upstream):
     """``start_service(**settings)``: gunicorn with 3 workers and the API key set."""

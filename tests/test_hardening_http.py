@@ -27,7 +27,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from service import Service
-from sse_upstream import UpstreamProcess
 
 from shmstream import layout, metrics, segment
 from shmstream.registry import ShmStore
@@ -46,12 +45,6 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 def leftovers(namespace: str) -> list[str]:
     return [e for e in os.listdir(segment.SHM_DIR)
             if e.startswith((namespace + ".", "sem." + namespace + "."))]
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with UpstreamProcess() as process:
-        yield process
 
 
 def _start(upstream_url: str, log_dir: str, service_class=Service, **settings_) -> Service:

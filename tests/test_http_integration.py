@@ -25,12 +25,6 @@ PING = b":\n\n"
 TIMEOUT = httpx.Timeout(10.0)
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    with UpstreamProcess() as process:
-        yield process
-
-
 @pytest.fixture
 def service_factory(namespace, tmp_path):
     started = []

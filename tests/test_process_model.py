@@ -13,19 +13,13 @@ import httpx
 import pytest
 from polling import wait_for
 from service import Service
-from sse_upstream import UpstreamProcess, expected_body
+from sse_upstream import expected_body
 
 from shmstream.layout import State
 from shmstream.registry import ShmStore
 
 pytestmark = pytest.mark.slow
 PING = b":\n\n"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with UpstreamProcess() as process:
-        yield process
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import msgpack
 import pytest
@@ -45,15 +44,6 @@ def shmstream(*argv: str, env: dict | None = None, stdin=subprocess.DEVNULL,
 def _leftovers(namespace: str) -> list[str]:
     return [e for e in os.listdir(segment.SHM_DIR)
             if e.startswith((namespace + ".", "sem." + namespace + "."))]
-
-
-@pytest.fixture
-def other_namespace():
-    """A second fresh namespace (the `load` target), purged and checked empty afterwards."""
-    name = f"t{os.getpid()}y{uuid.uuid4().hex[:10]}"
-    yield name
-    ShmStore(name).purge()
-    assert _leftovers(name) == [], "test left shared-memory objects behind"
 
 
 @pytest.fixture
