@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+from conftest import BACKENDS
 from polling import wait_for
 from service import VENV_BIN, Service, free_port
 from sse_upstream import UpstreamProcess
@@ -25,12 +26,17 @@ PING = b":\n\n"
 TIMEOUT = httpx.Timeout(10.0)
 
 
-@pytest.fixture
-def service_factory(namespace, tmp_path):
+@pytest.fixture(params=BACKENDS)
+def service_factory(request, namespace, tmp_path):
+    """Start gunicorn on the parametrized store backend (shared memory, or a real
+    redis-server whose keys for this namespace are checked deleted afterwards)."""
+    backend = {}
+    if request.param == "redis":
+        backend["backend"] = request.getfixturevalue("redis_stores").url
     started = []
 
     def start(upstream_url: str | None, **settings) -> Service:
-        service = Service(namespace, upstream_url, str(tmp_path), **settings)
+        service = Service(namespace, upstream_url, str(tmp_path), **backend, **settings)
         started.append(service)
         return service.start()
 
