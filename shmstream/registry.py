@@ -30,7 +30,7 @@ from .store import (
     matches_lookup,
     now_us,
 )
-from .sync import _PID, LockTimeout, flocked, process_alive, process_start_time
+from .sync import CurrentPid, LockTimeout, flocked, process_alive, process_start_time
 
 log = logging.getLogger("shmstream.store")
 
@@ -85,7 +85,7 @@ class ShmSession(Session):
             self._semaphore.acquire(self._lock_check_interval)
         except BusyError:
             self._lock.acquire_contended()
-        q[_LOCK_OWNER_Q] = _PID.value
+        q[_LOCK_OWNER_Q] = CurrentPid.value
         try:
             if i[_STATE_I] != _RUNNING:
                 return False

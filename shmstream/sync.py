@@ -192,7 +192,7 @@ class RobustLock:
             self._semaphore.acquire(self.check_interval)
         except posix_ipc.BusyError:
             self.acquire_contended(timeout)
-        self._owner[self._owner_index] = _PID.value
+        self._owner[self._owner_index] = CurrentPid.value
 
     def acquire_contended(self, timeout: float | None = STUCK_LOCK_TIMEOUT) -> None:
         """The slow path, after one ``check_interval`` wait failed: recover from a dead
@@ -226,7 +226,7 @@ class RobustLock:
                 pass
             if self._owner[self._owner_index] != owner:
                 return False  # another waiter recovered it first
-            self._owner[self._owner_index] = _PID.value
+            self._owner[self._owner_index] = CurrentPid.value
             return True
 
     def release_if_dead_owner(self) -> bool:
@@ -258,11 +258,11 @@ class RobustLock:
         self.release()
 
 
-class _Pid:
-    """This process's pid, refreshed after fork (gunicorn forks workers)."""
+class CurrentPid:
+    """This process's pid as a class attribute (one attribute load on the hot path),
+    refreshed after fork: gunicorn forks workers from the master."""
 
     value = os.getpid()
 
 
-os.register_at_fork(after_in_child=lambda: setattr(_Pid, "value", os.getpid()))
-_PID = _Pid
+os.register_at_fork(after_in_child=lambda: setattr(CurrentPid, "value", os.getpid()))
