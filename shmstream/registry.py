@@ -257,7 +257,7 @@ class ShmStore(SessionStore):
 
     # --- create / replace -----------------------------------------------------------------
     def create_or_replace(self, conversation_id: str, metadata: dict | None = None) -> ShmSession:
-        record = {"id": conversation_id, **(metadata or {})}
+        record = {**(metadata or {}), "id": conversation_id}  # the id always wins
         name = segment.segment_name(self.namespace, conversation_id)
         pid = os.getpid()
         with flocked(self._registry_lock):
