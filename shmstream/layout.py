@@ -124,7 +124,16 @@ class State(enum.IntEnum):
 
 
 class CorruptSegment(Exception):
-    """The segment is not a complete shmstream segment of this layout version."""
+    """The segment is not a complete shmstream segment of this layout version.
+
+    ``unfinished`` marks the case gc may remove under the registry lock: no magic yet (or
+    no semaphore), i.e. a creator that died half-way. Anything else may be a foreign or
+    newer segment and is only skipped.
+    """
+
+    def __init__(self, message: str, unfinished: bool = False):
+        super().__init__(message)
+        self.unfinished = unfinished
 
 
 def ring_offset_for(meta_length: int) -> int:
@@ -209,7 +218,8 @@ class Header:
             raise CorruptSegment(f"segment of {size} bytes is smaller than the header")
         magic_version = self.q[MAGIC_VERSION_Q]
         if magic_version & 0xFFFFFFFF != MAGIC:
-            raise CorruptSegment("bad magic (not a shmstream segment, or not finished)")
+            raise CorruptSegment("bad magic (not a shmstream segment, or not finished)",
+                                 unfinished=True)
         if magic_version >> 32 != VERSION:
             raise CorruptSegment(f"layout version {magic_version >> 32}, expected {VERSION}")
         meta_length = self.i[META_LENGTH_I]

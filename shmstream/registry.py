@@ -30,7 +30,14 @@ from .store import (
     matches_lookup,
     now_us,
 )
-from .sync import CurrentPid, LockTimeout, flocked, process_alive, process_start_time
+from .sync import (
+    STUCK_LOCK_TIMEOUT,
+    CurrentPid,
+    LockTimeout,
+    flocked,
+    process_alive,
+    process_start_time,
+)
 
 log = logging.getLogger("shmstream.store")
 
@@ -163,6 +170,17 @@ class ShmSession(Session):
             waiters=waiters,
             metadata=header.metadata(),
         )
+
+    def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, int, int]:
+        """(state, completed_at_us, producer pid, producer start time), read together under
+        the lock: what gc and reaping decide on. Raises LockTimeout after ``timeout``."""
+        header = self.segment.header
+        self._lock.acquire(timeout)
+        try:
+            return (header.state, header.completed_at_us, header.producer_pid,
+                    header.producer_start)
+        finally:
+            self._lock.release()
 
     def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
         q, i, lock = self._q, self._i, self._lock
@@ -463,7 +481,7 @@ class ShmStore(SessionStore):
                 try:
                     seg = segment.open_segment(self.namespace, name)
                 except CorruptSegment as exc:
-                    if "bad magic" in str(exc) or "no semaphore" in str(exc):
+                    if exc.unfinished:
                         log.warning("gc: removing unfinished segment %s: %s", name, exc)
                         segment.unlink(name)
                         report.corrupt_removed += 1
@@ -486,14 +504,10 @@ class ShmStore(SessionStore):
         return report
 
     def _collect(self, session: ShmSession, name: str, cutoff_us: int, report: GCReport):
-        header = session.segment.header
         if session.segment.lock.release_if_dead_owner():
             report.locks_recovered += 1
             log.warning("gc: released the lock of %s from dead pid", name)
-        with session.segment.lock:
-            state = header.state
-            completed = header.completed_at_us
-            pid, start_time = header.producer_pid, header.producer_start
+        state, completed, pid, start_time = session.lifecycle()
         if state is State.RUNNING and not process_alive(pid, start_time):
             if session.finalize(State.ABORTED):
                 report.aborted += 1
@@ -522,19 +536,13 @@ class ShmStore(SessionStore):
             if session is None:
                 continue
             try:
-                header = session.segment.header
                 session.segment.lock.release_if_dead_owner()
                 try:
-                    session.segment.lock.acquire(timeout=REAP_LOCK_TIMEOUT)
+                    state, _, pid, start_time = session.lifecycle(REAP_LOCK_TIMEOUT)
                 except LockTimeout:
                     log.error("segment %s: lock stuck; left to gc", name)
                     continue
-                try:
-                    running = header.state is State.RUNNING
-                    pid, start_time = header.producer_pid, header.producer_start
-                finally:
-                    session.segment.lock.release()
-                if not running:
+                if state is not State.RUNNING:
                     continue
                 if targets is None:
                     doomed = not process_alive(pid, start_time)
@@ -543,7 +551,7 @@ class ShmStore(SessionStore):
                 if doomed and session.finalize(State.ABORTED):
                     aborted += 1
                     log.warning("session aborted id=%s producer pid %d %s (segment %s)",
-                                segment.short_hash(session.conversation_id), pid,
+                                _id_tag(session), pid,
                                 "died" if targets is None else "stopped", name)
             finally:
                 session.close()

@@ -253,6 +253,6 @@ def open_segment(namespace: str, name: str) -> Segment | None:
         header.release()
         mapping.close()
         if isinstance(exc, posix_ipc.ExistentialError):
-            raise layout.CorruptSegment("segment has no semaphore") from None
+            raise layout.CorruptSegment("segment has no semaphore", unfinished=True) from None
         raise
     return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace))
