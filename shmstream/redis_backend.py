@@ -348,9 +348,11 @@ def _lookup_bases(raw_id: bytes) -> set[bytes]:
     return bases
 
 
-def _spans(capacity: int, offset: int, end: int) -> list[int]:
-    """Inclusive GETRANGE positions holding stream bytes ``[offset, end)`` (at most capacity
-    of them), as a flat ``[start, stop, ...]`` list: the ring layout of :func:`ring.read`."""
+def _spans(capacity: int, offset: int, total: int, limit: int | None) -> list[int]:
+    """Inclusive GETRANGE positions holding stream bytes ``[offset, end)``, where ``end`` is
+    ``total`` capped at ``limit`` bytes from ``offset`` (at most capacity of them), as a
+    flat ``[start, stop, ...]`` list: the ring layout of :func:`ring.read`."""
+    end = total if limit is None else min(total, offset + limit)
     position = offset % capacity
     length = end - offset
     if position + length <= capacity:
@@ -891,8 +893,7 @@ class RedisSession(Session):
         spans: list[int] = []
         if offset < known:
             ring.next_step(known, capacity, False, offset)  # raises OffsetLost if lapped
-            end = known if limit is None else min(known, offset + limit)
-            spans = _spans(capacity, offset, end)
+            spans = _spans(capacity, offset, known, limit)
         header = self._fetch(spans)
         if header is None:
             return b"", True
@@ -900,8 +901,7 @@ class RedisSession(Session):
         step = ring.next_step(total, capacity, finished, offset)
         if step is ring.Step.DATA:
             if not spans:  # the header was the news: fetch the bytes it announced
-                end = total if limit is None else min(total, offset + limit)
-                spans = _spans(capacity, offset, end)
+                spans = _spans(capacity, offset, total, limit)
                 header = self._fetch(spans)
                 if header is None:
                     return b"", True
