@@ -786,6 +786,10 @@ class RedisSession(Session):
     def __repr__(self) -> str:
         return f"RedisSession(generation={self.generation!r})"
 
+    def reopen(self) -> RedisSession:
+        # A generation's keys outlive a replace or evict by a grace period for open handles.
+        return RedisSession(self.store, self.generation, self.conversation_id, self.capacity)
+
     # --- producing ------------------------------------------------------------------------
     def append(self, data) -> bool:
         if len(data) == 0:

@@ -171,6 +171,10 @@ class ShmSession(Session):
             metadata=header.metadata(),
         )
 
+    def reopen(self) -> ShmSession:
+        # The mapping stays valid after the name is unlinked (replace, evict): share it.
+        return ShmSession(self.segment.retain(), self.conversation_id)
+
     def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, int, int]:
         """(state, completed_at_us, producer pid, producer start time), read together under
         the lock: what gc and reaping decide on. Raises LockTimeout after ``timeout``."""

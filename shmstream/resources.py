@@ -427,8 +427,7 @@ class ProxyResource:
         watch = ClientWatch(req.env)
         answer = producer.wait_answer(should_stop=watch)
         if answer is None or answer.body is not None:
-            if reader is not None:
-                reader.close()
+            reader.close()
             if answer is None:  # the caller left before the upstream answered
                 resp.status = 200
                 resp.content_type = "text/event-stream"
@@ -440,10 +439,7 @@ class ProxyResource:
             resp.data = answer.body
             return
         _sse_response(resp, answer.status, answer.headers)
-        if reader is None:
-            resp.data = b""
-        else:
-            resp.stream = SessionBody(reader, 0, watch)
+        resp.stream = SessionBody(reader, 0, watch)
 
     def proxy(self, req: falcon.Request, resp: falcon.Response,
               body: bytes | None = None) -> None:

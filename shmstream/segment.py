@@ -14,7 +14,8 @@ import hashlib
 import mmap
 import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import posix_ipc
 
@@ -152,6 +153,8 @@ class Segment:
     semaphore: posix_ipc.Semaphore
     lock: RobustLock
     doorbell: Doorbell
+    _holders: int = 1  # handles sharing this mapping (see retain)
+    _holders_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def _attach(cls, name: str, mapping: mmap.mmap, semaphore: posix_ipc.Semaphore,
@@ -160,8 +163,19 @@ class Segment:
         return cls(name, mapping, header, semaphore, lock,
                    Doorbell(mapping, layout.FUTEX_OFFSET))
 
+    def retain(self) -> Segment:
+        """One more holder of this mapping: it is unmapped when the last holder closes."""
+        with self._holders_lock:
+            self._holders += 1
+        return self
+
     def close(self) -> None:
-        """Unmap and close this process's handles (the segment itself stays)."""
+        """Release this holder; the last one unmaps and closes this process's handles (the
+        segment itself stays)."""
+        with self._holders_lock:
+            self._holders -= 1
+            if self._holders:
+                return
         self.doorbell.close()
         self.header.release()
         self.mapping.close()

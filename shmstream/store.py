@@ -105,6 +105,11 @@ class Session(abc.ABC):
 
     # --- reading --------------------------------------------------------------------------
     @abc.abstractmethod
+    def reopen(self) -> Session:
+        """Another handle on this very session (for another thread), also after its id was
+        replaced or evicted; close each handle."""
+
+    @abc.abstractmethod
     def info(self) -> SessionInfo: ...
 
     @abc.abstractmethod

@@ -29,7 +29,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -741,20 +740,15 @@ class Relay:
         self.watcher = watcher or ProducerWatcher()
 
     def start(self, conversation_id: str, request: UpstreamRequest,
-              metadata: dict | None = None) -> tuple[Producer, Session | None]:
+              metadata: dict | None = None) -> tuple[Producer, Session]:
         """Create (or replace) the session, start its producer, and return the producer and
-        a reader handle on that very session (None if it was already replaced or evicted).
+        a reader handle on that very session (it ends if the session is replaced meanwhile).
 
         Raises what ``create_or_replace`` raises (InvalidConversationId, StoreUnavailable).
         """
-        token = uuid.uuid4().hex
-        session = self.store.create_or_replace(conversation_id,
-                                               metadata={**(metadata or {}), "producer": token})
+        session = self.store.create_or_replace(conversation_id, metadata=metadata)
         try:
-            reader = self.store.get(conversation_id)
-            if reader is not None and reader.info().metadata.get("producer") != token:
-                reader.close()  # replaced within microseconds: not ours to read
-                reader = None
+            reader = session.reopen()
         except BaseException:
             session.finalize(State.FAILED)
             session.close()
@@ -767,7 +761,6 @@ class Relay:
         try:
             producer.start()
         except BaseException:
-            if reader is not None:
-                reader.close()
+            reader.close()
             raise
         return producer, reader

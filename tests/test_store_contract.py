@@ -560,3 +560,17 @@ def test_empty_and_lone_surrogate_ids_are_invalid(store, bad):
     with pytest.raises(InvalidConversationId):
         store.create_or_replace(bad)
     assert store.list() == []
+
+
+def test_reopen_reads_the_same_session_after_its_id_was_replaced(store):
+    first = store.create_or_replace("again")
+    first.append(b"first answer")
+    reader = first.reopen()
+    second = store.create_or_replace("again")
+    second.append(b"second")
+    assert b"".join(reader.read(0)) == b"first answer"  # ends: the first was cancelled
+    assert reader.info().state is State.CANCELLED
+    first.close()  # the other handle keeps working after this one closed
+    assert b"".join(reader.read(6)) == b"answer"
+    reader.close()
+    second.close()
