@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from polling import wait_for
+from polling import wait_for, wait_until
 from service import Service
 from sse_upstream import expected_body
 
@@ -144,8 +144,9 @@ def test_sigkill_of_the_producing_worker_ends_readers_on_other_workers(service, 
     reader = None
     for _ in range(30):  # connections land on workers as they accept: find another one
         candidate = RawReader(service, "kill-me")
-        pid = wait_for(lambda c=candidate: serving_pid(c.socket, workers), timeout=2)
-        if pid != producer:
+        # A connection still in the listen backlog has no worker yet: try another one.
+        accepted = wait_until(lambda c=candidate: serving_pid(c.socket, workers), timeout=2)
+        if accepted and serving_pid(candidate.socket, workers) != producer:
             reader = candidate
             break
         candidate.close()
