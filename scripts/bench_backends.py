@@ -46,7 +46,7 @@ from benchkit import (
     read_to_end,
 )
 
-from shmstream.registry import ShmStore
+from shmstream.shm.store import ShmStore
 
 # Children come from a fork server with the backends preloaded: cheap to start, and never
 # forked from a parent whose Redis listener/lease threads hold locks at that moment.
@@ -57,7 +57,7 @@ def open_store(backend: str, namespace: str, capacity: int = 4 * MIB):
     """``backend`` is "shm" or a redis:// URL; any process can call this."""
     if backend == "shm":
         return ShmStore(namespace, capacity=capacity)
-    from shmstream.redis_backend import RedisStore
+    from shmstream.redis.store import RedisStore
 
     return RedisStore.from_url(backend, namespace=namespace, capacity=capacity)
 
@@ -305,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import redis
 
-    from shmstream.redis_backend import LocalRedisServer
+    from shmstream.redis.store import LocalRedisServer
 
-    CTX.set_forkserver_preload(["shmstream.registry", "shmstream.redis_backend"])
+    CTX.set_forkserver_preload(["shmstream.shm.store", "shmstream.redis.store"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = None
     report: dict = {}

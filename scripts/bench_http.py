@@ -43,7 +43,7 @@ import httpx  # noqa: E402
 from service import Service  # noqa: E402
 from sse_upstream import UpstreamProcess  # noqa: E402
 
-from shmstream.registry import ShmStore  # noqa: E402
+from shmstream.shm.store import ShmStore  # noqa: E402
 
 
 class Stats:

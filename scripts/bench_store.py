@@ -45,7 +45,7 @@ from benchkit import (
     read_to_end,
 )
 
-from shmstream.registry import ShmStore
+from shmstream.shm.store import ShmStore
 
 CTX = multiprocessing.get_context("fork")
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         args.events, args.repeat, args.samples, args.fanout_events = 200_000, 2, 1_000, 20_000
     reader_counts = [int(n) for n in args.readers.split(",") if n.strip()]
 
-    from shmstream import sync
+    from shmstream.shm import sync
 
     namespace = f"bench{os.getpid()}x{uuid.uuid4().hex[:8]}"
     children = Children(CTX)

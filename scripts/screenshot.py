@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/service.py starts gunic
 from playwright.sync_api import sync_playwright  # noqa: E402
 from service import Service  # noqa: E402
 
-from shmstream.registry import ShmStore  # noqa: E402
+from shmstream.shm.store import ShmStore  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from .store import DEFAULT_CAPACITY, DEFAULT_GC_INTERVAL, DEFAULT_TTL
+from shmstream.store.interface import DEFAULT_CAPACITY, DEFAULT_GC_INTERVAL, DEFAULT_TTL
 
 DEFAULT_NAMESPACE = "shmstream"
 
@@ -27,7 +27,7 @@ class Settings:
     max_sessions: int | None = None
     max_shm_bytes: int | None = None
     backend: str = "shm"  # "shm" or a redis:// URL
-    cors_origins: str = "*"  # "*", "none" or comma-separated origins (shmstream.cors)
+    cors_origins: str = "*"  # "*", "none" or comma-separated origins (shmstream.http.cors)
     demo_tokens_per_second: float = 20.0
 
     @classmethod
@@ -61,17 +61,3 @@ class Settings:
                 out["SHMSTREAM_" + spec.name.upper()] = str(value)
         return out
 
-    def open_store(self):
-        """The configured backend's store (import is deferred: Redis is optional at runtime)."""
-        if self.backend == "shm":
-            from .registry import ShmStore
-
-            return ShmStore(self.namespace, capacity=self.max_bytes, ttl=self.ttl,
-                            max_sessions=self.max_sessions, max_shm_bytes=self.max_shm_bytes)
-        if self.backend.startswith(("redis://", "rediss://", "unix://")):
-            from .redis_backend import RedisStore
-
-            return RedisStore.from_url(self.backend, namespace=self.namespace,
-                                       capacity=self.max_bytes, ttl=self.ttl,
-                                       max_sessions=self.max_sessions)
-        raise ValueError(f"SHMSTREAM_BACKEND must be 'shm' or a redis:// URL, not {self.backend!r}")

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from sse_upstream import UpstreamProcess
 
-from shmstream import segment
-from shmstream.registry import ShmStore
+from shmstream.shm import segment
+from shmstream.shm.store import ShmStore
 
 
 def _leftovers(namespace: str) -> list[str]:
@@ -59,7 +59,7 @@ def redis_url():
     """A private ``redis-server`` on a free loopback port for the whole test session
     (persistence off). Skips when ``redis-server`` is not installed (scripts/test.sh
     installs it)."""
-    from shmstream.redis_backend import LocalRedisServer
+    from shmstream.redis.store import LocalRedisServer
 
     if not LocalRedisServer.available():
         message = "redis-server is not installed (scripts/test.sh installs it)"
@@ -77,7 +77,7 @@ def redis_stores(request, namespace):
     """Make Redis stores on the test namespace: ``redis_stores(capacity=..., lease=...)``.
 
     At teardown every store made is closed and every key of the namespace deleted."""
-    from shmstream.redis_backend import RedisStore
+    from shmstream.redis.store import RedisStore
 
     url = request.getfixturevalue("redis_url")
     made = []

@@ -68,7 +68,7 @@ class Service:
         return [_gunicorn(), "-k", "gthread", "-w", str(self.workers), "--threads",
                 self.env["SHMSTREAM_THREADS"], "-b", self.env["SHMSTREAM_BIND"],
                 "--graceful-timeout", "3", "--access-logfile", self.access_log,
-                "--access-logformat", ACCESS_FORMAT, "shmstream.wsgi:application"]
+                "--access-logformat", ACCESS_FORMAT, "shmstream.serve.wsgi:application"]
 
     def start(self, timeout: float = 30.0) -> Service:
         with open(self.error_log, "ab") as log:

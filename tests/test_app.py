@@ -18,12 +18,12 @@ import falcon.testing
 import pytest
 from sse_upstream import InThreadUpstream, expected_body
 
-from shmstream.app import create_app
 from shmstream.config import Settings
-from shmstream.demo import DEMO_MODEL, DemoUpstream, demo_words
-from shmstream.layout import State
-from shmstream.registry import ShmStore
-from shmstream.upstream import PING, HttpUpstream, Relay
+from shmstream.http.app import create_app
+from shmstream.relay.demo import DEMO_MODEL, DemoUpstream, demo_words
+from shmstream.relay.upstream import PING, HttpUpstream, Relay
+from shmstream.shm.store import ShmStore
+from shmstream.store.states import State
 
 JSON_TYPE = "application/json; charset=utf-8"
 MISSING = (b'{"error": {"code": 400, "message": "Missing conversation id in path", '
@@ -698,7 +698,7 @@ def test_demo_paces_tokens_and_stops_on_delete(make_harness):
 def test_wsgi_module_builds_nothing_before_the_first_request(namespace):
     code = (
         "import threading, os, sys\n"
-        "import shmstream.wsgi as w\n"
+        "import shmstream.serve.wsgi as w\n"
         "assert w._app is None and threading.active_count() == 1\n"
         "assert not [n for n in os.listdir('/dev/shm') if n.startswith(os.environ["
         "'SHMSTREAM_NAMESPACE'])]\n"

@@ -19,15 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from sse_upstream import InThreadUpstream
 
 from shmstream import metrics
-from shmstream.accesslog import redact_path, redact_query, redact_target
-from shmstream.app import create_app
 from shmstream.config import Settings
-from shmstream.cors import ALLOW_HEADERS, ALLOW_METHODS, parse_origins
-from shmstream.demo import DemoUpstream
-from shmstream.health import HealthProbe
-from shmstream.registry import ShmStore
-from shmstream.segment import short_hash
-from shmstream.upstream import HttpUpstream, Relay, Upstream, UpstreamError
+from shmstream.http.app import create_app
+from shmstream.http.cors import ALLOW_HEADERS, ALLOW_METHODS, parse_origins
+from shmstream.http.health import HealthProbe
+from shmstream.relay.demo import DemoUpstream
+from shmstream.relay.upstream import HttpUpstream, Relay, Upstream, UpstreamError
+from shmstream.serve.accesslog import redact_path, redact_query, redact_target
+from shmstream.shm.store import ShmStore
+from shmstream.store.ids import short_hash
 
 JSON_TYPE = "application/json; charset=utf-8"
 KEY = {"Authorization": "Bearer sekret"}
@@ -157,7 +157,7 @@ def test_lookup_body_over_one_mib_is_413(app):
 def test_no_room_for_the_semaphore_is_503_and_leaves_nothing(app, namespace, monkeypatch):
     import posix_ipc
 
-    from shmstream import segment
+    from shmstream.shm import segment
 
     real = posix_ipc.Semaphore
 

@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from service import Service
 
-from shmstream import layout, metrics, segment
-from shmstream.registry import ShmStore
-from shmstream.segment import short_hash
+from shmstream import metrics
+from shmstream.shm import layout, segment
+from shmstream.shm.store import ShmStore
+from shmstream.store.ids import short_hash
 
 pytestmark = pytest.mark.slow
 KEY = "k3y"

@@ -8,8 +8,8 @@ import mmap
 import msgpack
 import pytest
 
-from shmstream import layout
-from shmstream.layout import CorruptSegment, Header, State
+from shmstream.shm import layout
+from shmstream.shm.layout import CorruptSegment, Header, State
 
 FIELD_SIZES = {
     "MAGIC": 4, "VERSION": 4, "STATE": 4, "FLAGS": 4, "TOTAL": 8, "DROPPED": 8,

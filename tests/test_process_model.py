@@ -15,8 +15,8 @@ from polling import wait_for, wait_until
 from service import Service
 from sse_upstream import expected_body
 
-from shmstream.layout import State
-from shmstream.registry import ShmStore
+from shmstream.shm.store import ShmStore
+from shmstream.store.states import State
 
 pytestmark = pytest.mark.slow
 PING = b":\n\n"

@@ -17,8 +17,9 @@ import pytest
 from polling import wait_until as _wait_until
 
 from shmstream import State
+from shmstream.backends import open_store
 from shmstream.config import Settings
-from shmstream.redis_backend import RedisStore
+from shmstream.redis.store import RedisStore
 
 pytestmark = pytest.mark.usefixtures("redis_url")
 
@@ -86,7 +87,7 @@ def test_gc_aborts_sessions_of_a_killed_producer_process(redis_stores):
     child = run_python(
         """
         import sys, time
-        from shmstream.redis_backend import RedisStore
+        from shmstream.redis.store import RedisStore
         store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease=0.3)
         session = store.create_or_replace("killed")
         session.append(b"x")
@@ -117,7 +118,7 @@ def test_abort_producers_reaps_a_dead_local_process_at_once(redis_stores):
     child = run_python(
         """
         import os, sys
-        from shmstream.redis_backend import RedisStore
+        from shmstream.redis.store import RedisStore
         store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease=60)
         store.create_or_replace("exited").append(b"x")
         store.create_or_replace("exited-too")
@@ -148,7 +149,7 @@ def test_cancel_from_another_process_reaches_the_producer_fast(redis_stores):
     child = run_python(
         """
         import sys, time
-        from shmstream.redis_backend import RedisStore
+        from shmstream.redis.store import RedisStore
         store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2])
         for round in range(int(sys.argv[3])):
             session = store.create_or_replace(f"stop-{round}")
@@ -229,7 +230,7 @@ def test_two_stores_racing_create_or_replace_leave_one_live_session(redis_stores
 def test_processes_racing_create_or_replace_leave_one_live_session(redis_stores):
     code = """
         import sys
-        from shmstream.redis_backend import RedisStore
+        from shmstream.redis.store import RedisStore
         store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2])
         for _ in range(200):
             store.create_or_replace("contended").append(b"x")
@@ -297,7 +298,7 @@ def test_finished_sessions_expire_through_redis_and_gc_cleans_the_index(redis_st
 
 
 def test_quota_counts_live_and_retained_sessions(redis_stores):
-    from shmstream.errors import StoreUnavailable
+    from shmstream.store.errors import StoreUnavailable
 
     store = redis_stores(max_sessions=2)
     first = store.create_or_replace("q1")
@@ -333,7 +334,7 @@ def test_an_idle_reader_does_not_poll_redis(redis_stores):
 
 
 def test_published_bytes_serve_caught_up_readers_with_the_same_semantics(redis_stores):
-    from shmstream.errors import OffsetLost
+    from shmstream.store.errors import OffsetLost
 
     store = redis_stores(capacity=1024)
     producer = store.create_or_replace("cached")
@@ -410,7 +411,7 @@ def test_reader_processes_get_exactly_the_producers_bytes(redis_stores):
     producer = store.create_or_replace("multi")
     code = """
         import hashlib, sys
-        from shmstream.redis_backend import RedisStore
+        from shmstream.redis.store import RedisStore
         store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2])
         session = store.get("multi")
         digest, size = hashlib.sha256(), 0
@@ -457,7 +458,7 @@ def test_streaming_survives_a_script_flush_and_a_dropped_idle_connection(redis_s
 def test_settings_open_a_redis_store(redis_stores):
     settings = Settings(backend=redis_stores.url, namespace=redis_stores.namespace,
                         max_bytes=4096, ttl=7, max_sessions=5)
-    store = settings.open_store()
+    store = open_store(settings)
     try:
         assert isinstance(store, RedisStore)
         assert (store.capacity, store.ttl, store.max_sessions) == (4096, 7, 5)

@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from shmstream import ring
-from shmstream.errors import OffsetLost
-from shmstream.ring import Ring, Step
+from shmstream.store import ring
+from shmstream.store.errors import OffsetLost
+from shmstream.store.ring import Ring, Step
 
 GUARD = 16
 GUARD_BYTE = 0xA5

@@ -26,9 +26,10 @@ import time
 import pytest
 from polling import wait_until
 
-from shmstream import State, StoreUnavailable, layout, segment
-from shmstream.registry import ShmStore
-from shmstream.sync import Doorbell
+from shmstream import State, StoreUnavailable
+from shmstream.shm import layout, segment
+from shmstream.shm.store import ShmStore
+from shmstream.shm.sync import Doorbell
 
 CTX = multiprocessing.get_context("fork")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -537,8 +538,8 @@ def test_other_reservation_errors_propagate_and_leave_nothing(shm_store, namespa
 
 TMPFS_SCRIPT = r"""
 import json, os, sys
-from shmstream.errors import StoreUnavailable
-from shmstream.registry import ShmStore
+from shmstream.store.errors import StoreUnavailable
+from shmstream.shm.store import ShmStore
 
 namespace = sys.argv[1]
 store = ShmStore(namespace, capacity=256 * 1024)
@@ -709,8 +710,8 @@ def test_gc_removes_unfinished_segments(shm_store, namespace):
 
 POLLING_READER = r"""
 import hashlib, json, sys
-from shmstream import sync
-from shmstream.registry import ShmStore
+from shmstream.shm import sync
+from shmstream.shm.store import ShmStore
 
 session = ShmStore(sys.argv[1]).get(sys.argv[2])
 received = bytearray()

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from shmstream.config import Settings
-from shmstream.layout import State
-from shmstream.registry import ShmStore
-from shmstream.supervisor import Supervisor, SupervisorProcess
-from shmstream.sync import process_alive
+from shmstream.serve.supervisor import Supervisor, SupervisorProcess
+from shmstream.shm.store import ShmStore
+from shmstream.shm.sync import process_alive
+from shmstream.store.states import State
 
 
 def _produce_then_hang(namespace: str, conversation_id: str, ready) -> None:
@@ -40,7 +40,7 @@ def _start_dead_producer(namespace: str, conversation_id: str) -> None:
 def _supervise(namespace: str, **env) -> subprocess.Popen:
     environment = {**os.environ, "SHMSTREAM_NAMESPACE": namespace,
                    **{k: str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "shmstream.cli", "supervise"],
+    return subprocess.Popen([sys.executable, "-m", "shmstream", "supervise"],
                             env=environment, stderr=subprocess.PIPE, text=True)
 
 

@@ -17,10 +17,12 @@ import time
 import msgpack
 import pytest
 
-from shmstream import cli, segment, tools
-from shmstream.errors import OffsetLost
-from shmstream.layout import State
-from shmstream.registry import ShmStore
+from shmstream.cli import main as cli
+from shmstream.cli import tools
+from shmstream.shm import segment
+from shmstream.shm.store import ShmStore
+from shmstream.store.errors import OffsetLost
+from shmstream.store.states import State
 
 RUN_TIMEOUT = 30  # seconds any one CLI call may take
 
@@ -35,7 +37,7 @@ def shmstream(*argv: str, env: dict | None = None, stdin=subprocess.DEVNULL,
               input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run ``shmstream ARGV`` to completion (bounded), capturing bytes."""
     return subprocess.run(
-        [sys.executable, "-m", "shmstream.cli", *argv],
+        [sys.executable, "-m", "shmstream", *argv],
         env=env or _clean_env(), stdin=None if input is not None else stdin, input=input,
         capture_output=True, timeout=RUN_TIMEOUT, check=False,
     )
@@ -364,7 +366,7 @@ class _Tail:
 
     def __init__(self, *argv: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shmstream.cli", "tail", *argv], env=_clean_env(),
+            [sys.executable, "-m", "shmstream", "tail", *argv], env=_clean_env(),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.output = bytearray()
@@ -448,7 +450,7 @@ def test_tail_exits_cleanly_on_ctrl_c(store, namespace):
 
 
 def _dead_producer_session(namespace: str, conversation_id: str) -> None:
-    code = ("import sys; from shmstream.registry import ShmStore; "
+    code = ("import sys; from shmstream.shm.store import ShmStore; "
             "ShmStore(sys.argv[1]).create_or_replace(sys.argv[2]).append(b'x')")
     subprocess.run([sys.executable, "-c", code, namespace, conversation_id], check=True,
                    timeout=RUN_TIMEOUT)
@@ -516,7 +518,7 @@ def test_purge_asks_on_a_terminal(store, namespace, answer, purged):
     controller, terminal = pty.openpty()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shmstream.cli", "purge", "--namespace", namespace],
+            [sys.executable, "-m", "shmstream", "purge", "--namespace", namespace],
             env=_clean_env(), stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         os.write(controller, answer)
@@ -591,7 +593,7 @@ def test_dump_shows_progress_on_a_terminal_stderr(namespace, tmp_path):
     try:
         process = subprocess.Popen(
             [sys.executable, "-c",
-             "import sys; from shmstream import cli, tools; tools.PROGRESS_DELAY = 0; "
+             "import sys; from shmstream.cli import main as cli, tools; tools.PROGRESS_DELAY = 0; "
              "sys.exit(cli.main())",
              "dump", "big", "--namespace", namespace, "-o", str(tmp_path / "big.raw")],
             env=_clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal,

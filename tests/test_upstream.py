@@ -11,9 +11,7 @@ import pytest
 from polling import wait_for as _wait_for
 from sse_upstream import InThreadUpstream, expected_body
 
-from shmstream.layout import State
-from shmstream.registry import ShmStore
-from shmstream.upstream import (
+from shmstream.relay.upstream import (
     PING,
     Abort,
     HttpUpstream,
@@ -27,6 +25,8 @@ from shmstream.upstream import (
     request_headers,
     response_headers,
 )
+from shmstream.shm.store import ShmStore
+from shmstream.store.states import State
 
 CANCEL_BUDGET = 0.25  # seconds from a cancel anywhere to the upstream seeing its client go
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import falcon.testing
 import pytest
 
-from shmstream.app import create_app
 from shmstream.config import Settings
-from shmstream.demo import DemoUpstream
-from shmstream.registry import ShmStore
-from shmstream.upstream import Relay
-from shmstream.webui import WEBUI_PREFIX, load_static
+from shmstream.http.app import create_app
+from shmstream.http.webui import WEBUI_PREFIX, load_static
+from shmstream.relay.demo import DemoUpstream
+from shmstream.relay.upstream import Relay
+from shmstream.shm.store import ShmStore
 
 
 @pytest.fixture

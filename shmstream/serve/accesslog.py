@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
 from gunicorn.glogging import Logger
 
-from .segment import short_hash
+from shmstream.store.ids import short_hash
 
 STREAM_PATH = "/v1/stream/"
 SECRET_HEADERS = ("{x-conversation-id}i", "{authorization}i", "{x-api-key}i")

@@ -5,7 +5,7 @@ with no model anywhere. It answers the completion routes in their usual streamin
 non-streaming shapes with deterministic text (the same request gives the same words) at
 ``Settings.demo_tokens_per_second``, lists one model whose name says it is a demo, and
 answers ``/health``. No network, no threads: the producer thread that reads the response
-sleeps between tokens, and an :class:`~shmstream.upstream.Abort` wakes it at once.
+sleeps between tokens, and an :class:`~shmstream.relay.upstream.Abort` wakes it at once.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from .upstream import (
+from shmstream.relay.upstream import (
     Upstream,
     UpstreamError,
     UpstreamRequest,

@@ -23,11 +23,12 @@ import sys
 import threading
 import time
 
-from . import metrics
-from .config import Settings
-from .store import SessionStore
+from shmstream import metrics
+from shmstream.backends import open_store
+from shmstream.config import Settings
+from shmstream.store.interface import SessionStore
 
-log = logging.getLogger("shmstream.supervisor")
+log = logging.getLogger("shmstream.serve.supervisor")
 
 REAP_INTERVAL = 0.5  # seconds: a dead producer's readers end within about this
 PARENT_ENV = "SHMSTREAM_SUPERVISOR_PARENT"  # set when the gunicorn master is the parent
@@ -126,7 +127,7 @@ def supervise(args) -> int:
     if parent:
         _die_with_parent(int(parent))
     metrics.get()  # reserve this process's metric files up front
-    supervisor = Supervisor(settings.open_store(), settings.gc_interval)
+    supervisor = Supervisor(open_store(settings), settings.gc_interval)
     if args.once:
         supervisor.reap()
         print(supervisor.collect())
@@ -159,17 +160,17 @@ class SupervisorProcess:
         self._watcher.start()
 
     def _spawn(self) -> None:
-        from .sync import process_start_time
+        from shmstream.shm.sync import process_start_time
 
         env = {**os.environ, **self.settings.to_env(), PARENT_ENV: str(os.getpid())}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shmstream.cli", "supervise"], env=env, close_fds=True
+            [sys.executable, "-m", "shmstream.cli.main", "supervise"], env=env, close_fds=True
         )
         self.start_time = process_start_time(self.process.pid)
         log.info("started supervisor pid %d", self.process.pid)
 
     def alive(self) -> bool:
-        from .sync import process_alive
+        from shmstream.shm.sync import process_alive
 
         return self.process is not None and process_alive(self.process.pid, self.start_time)
 

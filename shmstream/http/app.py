@@ -1,7 +1,7 @@
 """The Falcon WSGI app: routes, the API-key check and the one place errors become bodies.
 
 Every error body is ``{"error": {"code", "message", "type"}}`` (llama-server's shape), both
-for :class:`~shmstream.errors.ShmstreamError` and for Falcon's own errors (404, 405, ...).
+for :class:`~shmstream.store.errors.ShmstreamError` and for Falcon's own errors (404, 405, ...).
 """
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ import os
 
 import falcon
 
-from .config import Settings
-from .cors import Cors, is_preflight
-from .errors import ShmstreamError, Unauthorized
-from .health import HealthProbe, HealthResource
-from .metrics import MetricsResource
-from .resources import (
+from shmstream.config import Settings
+from shmstream.http.cors import Cors, is_preflight
+from shmstream.http.health import HealthProbe, HealthResource
+from shmstream.http.resources import (
     STREAM_PREFIX,
     LookupResource,
     ProxyResource,
     StreamResource,
 )
-from .store import SessionStore
-from .upstream import JSON_TYPE, HttpUpstream, Relay, Upstream, error_object
-from .webui import add_webui, is_webui_path
+from shmstream.http.webui import add_webui, is_webui_path
+from shmstream.metrics import MetricsResource
+from shmstream.relay.upstream import JSON_TYPE, HttpUpstream, Relay, Upstream, error_object
+from shmstream.store.errors import ShmstreamError, Unauthorized
+from shmstream.store.interface import SessionStore
 
-log = logging.getLogger("shmstream.app")
+log = logging.getLogger("shmstream.http.app")
 
 # Paths llama-server serves without an API key (plus its web UI: "/" and *.html). The
 # model list stays public as there; /metrics is not (llama-server asks for the key too).
@@ -76,7 +76,7 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception
 class ApiKeyCheck:
     """llama-server's ``--api-key``: ``Authorization: Bearer <key>`` or ``X-Api-Key``,
     except for the health and model list paths, the web UI pages and CORS preflights
-    (which :class:`~shmstream.cors.Cors` answers before this check runs)."""
+    (which :class:`~shmstream.http.cors.Cors` answers before this check runs)."""
 
     def __init__(self, api_key: str):
         self._key = api_key.encode()
@@ -103,7 +103,7 @@ def make_upstream(settings: Settings) -> Upstream:
     """The configured upstream: HTTP to ``settings.upstream``, else the built-in demo."""
     if settings.upstream:
         return HttpUpstream(settings.upstream)
-    from .demo import DemoUpstream
+    from shmstream.relay.demo import DemoUpstream
 
     return DemoUpstream(settings.demo_tokens_per_second)
 

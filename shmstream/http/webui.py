@@ -1,4 +1,4 @@
-"""The chat page at ``/shmstream/``: a few static files (``shmstream/static``), no build step.
+"""The chat page at ``/shmstream/``: a few static files (``shmstream/http/static``), no build step.
 
 The page talks to the same origin's ``/v1/...`` routes, so it shows resume, lookup and Stop
 working against whatever upstream shmstream relays. It lives under its own prefix so it
@@ -46,7 +46,7 @@ class StaticFile:
 
 def load_static() -> dict[str, StaticFile]:
     """The packaged files the page may serve, by name (subdirectories are not served)."""
-    folder = resources.files("shmstream") / "static"
+    folder = resources.files("shmstream.http") / "static"
     return {
         entry.name: StaticFile(entry.name, entry.read_bytes())
         for entry in folder.iterdir()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 
-from .errors import OffsetLost
+from shmstream.store.errors import OffsetLost
 
 
 def dropped_for(total: int, capacity: int) -> int:

@@ -1,8 +1,8 @@
 """The HTTP resources: parse the request, call the store or the relay, map errors.
 
 They use only the :class:`~shmstream.store.SessionStore` interface and the
-:mod:`shmstream.upstream` relay; exceptions from :mod:`shmstream.errors` become error bodies
-in one handler (:mod:`shmstream.app`).
+:mod:`shmstream.relay.upstream` relay; exceptions from :mod:`shmstream.store.errors`
+become error bodies in one handler (:mod:`shmstream.http.app`).
 """
 
 from __future__ import annotations
@@ -18,19 +18,8 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import falcon
 
-from . import metrics
-from .errors import (
-    InvalidConversationId,
-    InvalidOffset,
-    InvalidRequest,
-    MissingConversationId,
-    OffsetLost,
-    PayloadTooLarge,
-    SessionNotFound,
-)
-from .segment import short_hash
-from .store import Session, SessionStore
-from .upstream import (
+from shmstream import metrics
+from shmstream.relay.upstream import (
     JSON_TYPE,
     Relay,
     Upstream,
@@ -40,6 +29,17 @@ from .upstream import (
     request_headers,
     response_headers,
 )
+from shmstream.store.errors import (
+    InvalidConversationId,
+    InvalidOffset,
+    InvalidRequest,
+    MissingConversationId,
+    OffsetLost,
+    PayloadTooLarge,
+    SessionNotFound,
+)
+from shmstream.store.ids import short_hash
+from shmstream.store.interface import Session, SessionStore
 
 log = logging.getLogger("shmstream.http")
 

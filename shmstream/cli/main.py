@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from .config import DEFAULT_NAMESPACE
+from shmstream.config import DEFAULT_NAMESPACE
 
 
 def _add_namespace(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ _TOOL_COMMANDS = ("ls", "dump", "load", "tail", "gc", "purge")
 
 
 def _add_tool_commands(commands) -> None:
-    """The operator's segment tools (:mod:`shmstream.tools`)."""
+    """The operator's segment tools (:mod:`shmstream.cli.tools`)."""
     ls = commands.add_parser("ls", help="list the sessions of a namespace")
     _add_namespace(ls)
     ls.add_argument("--json", action="store_true", help="JSON, with full ids and metadata")
@@ -104,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
-        from .server import serve
+        from shmstream.serve.server import serve
 
         return serve(args)
     if args.command == "supervise":
-        from .supervisor import supervise
+        from shmstream.serve.supervisor import supervise
 
         return supervise(args)
     if args.command in _TOOL_COMMANDS:
-        from .tools import run
+        from shmstream.cli.tools import run
 
         return run(args)
     raise AssertionError(args.command)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 
-from . import metrics
-from .config import Settings
-from .supervisor import SupervisorProcess
+from shmstream import metrics
+from shmstream.backends import open_store
+from shmstream.config import Settings
+from shmstream.serve.supervisor import SupervisorProcess
 
 log = logging.getLogger("shmstream.gunicorn")
 
@@ -36,7 +37,7 @@ def _settings() -> Settings:
 def _store():
     # The master opens the store lazily and keeps no mapping open: workers fork from it.
     if "store" not in _state:
-        _state["store"] = _settings().open_store()
+        _state["store"] = open_store(_settings())
     return _state["store"]
 
 

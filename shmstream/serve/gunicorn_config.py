@@ -8,11 +8,11 @@ Everything comes from the environment: the ``SHMSTREAM_*`` settings of
 
 import os
 
-from shmstream import gunicorn_hooks
+from shmstream.serve import gunicorn_hooks
 
 _cpus = os.cpu_count() or 1
 
-wsgi_app = "shmstream.wsgi:application"
+wsgi_app = "shmstream.serve.wsgi:application"
 bind = [os.environ.get("SHMSTREAM_BIND", "127.0.0.1:8080")]
 # gthread: a blocking semaphore/futex wait would stall gevent's hub, and the sync worker
 # kills long streams at its timeout. Every open stream holds one thread.
@@ -33,7 +33,7 @@ proc_name = "shmstream"
 control_socket_disable = True
 accesslog = os.environ.get("SHMSTREAM_ACCESS_LOG") or None
 # Ids are capabilities: the access log shows a hash where a request line has one.
-logger_class = "shmstream.accesslog.RedactingLogger"
+logger_class = "shmstream.serve.accesslog.RedactingLogger"
 
 when_ready = gunicorn_hooks.when_ready
 child_exit = gunicorn_hooks.child_exit

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import mmap
 import os
 import re
@@ -19,45 +18,25 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
-from . import layout
-from .errors import InvalidConversationId, StoreUnavailable
-from .sync import Doorbell, RobustLock
+from shmstream.shm import layout
+from shmstream.shm.sync import Doorbell, RobustLock
+from shmstream.store import ids
+from shmstream.store.errors import StoreUnavailable
+from shmstream.store.ids import (  # noqa: F401 - re-exported for the shm tools
+    base_id,
+    encode_id,
+    short_hash,
+    validate_namespace,
+)
 
 SHM_DIR = "/dev/shm"  # where Linux's shm_open keeps objects; semaphores are "sem.<name>"
-NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _BASE_HASH_HEX = 16
 _ID_HASH_HEX = 32
-MAX_ID_BYTES = 16 * 1024
 PERMISSIONS = 0o600
 
 
-def validate_namespace(namespace: str) -> str:
-    if not NAMESPACE_PATTERN.fullmatch(namespace):
-        raise ValueError(f"namespace must match {NAMESPACE_PATTERN.pattern}: {namespace!r}")
-    return namespace
 
 
-def encode_id(conversation_id: str) -> bytes:
-    """The id's UTF-8 bytes. Raises :class:`InvalidConversationId` for empty, huge or
-    unencodable (lone surrogate) ids. Any other text, slashes and NUL included, is fine."""
-    if not isinstance(conversation_id, str) or not conversation_id:
-        raise InvalidConversationId("conversation id must be a non-empty string")
-    try:
-        raw = conversation_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidConversationId("conversation id is not valid UTF-8") from None
-    if len(raw) > MAX_ID_BYTES:
-        raise InvalidConversationId(f"conversation id is longer than {MAX_ID_BYTES} bytes")
-    return raw
-
-
-def _digest(data: bytes, hex_length: int) -> str:
-    return hashlib.blake2b(data, digest_size=hex_length // 2, person=b"shmstream").hexdigest()
-
-
-def base_id(raw_id: bytes) -> bytes:
-    """The part of an id that ``lookup`` matches on: everything before the first ``::``."""
-    return raw_id.split(b"::", 1)[0]
 
 
 def lookup_prefixes(namespace: str, conversation_id: str) -> set[str]:
@@ -69,27 +48,20 @@ def lookup_prefixes(namespace: str, conversation_id: str) -> set[str]:
     bases = {base_id(raw)}
     if raw.endswith(b":") and b"::" not in raw:
         bases.add(raw[:-1])
-    return {f"{namespace}.{_digest(base, _BASE_HASH_HEX)}" for base in bases}
+    return {f"{namespace}.{ids.digest(base, _BASE_HASH_HEX)}" for base in bases}
 
 
 def segment_name(namespace: str, conversation_id: str) -> str:
     """The shm/semaphore name (without the leading slash) of a conversation's session."""
     raw = encode_id(conversation_id)
-    base = _digest(base_id(raw), _BASE_HASH_HEX)
-    return f"{namespace}.{base}{_digest(raw, _ID_HASH_HEX)}"
+    base = ids.digest(base_id(raw), _BASE_HASH_HEX)
+    return f"{namespace}.{base}{ids.digest(raw, _ID_HASH_HEX)}"
 
 
 def prefix_of(name: str) -> str:
     """The :func:`lookup_prefixes` part of a segment name."""
     return name[: len(name) - _ID_HASH_HEX]
 
-
-def short_hash(conversation_id: str) -> str:
-    """A log-safe handle for an id: ids are capabilities and never appear in logs."""
-    try:
-        return _digest(encode_id(conversation_id), 12)
-    except InvalidConversationId:
-        return "invalid"
 
 
 def list_names(namespace: str, prefix: str | None = None) -> list[str]:

@@ -6,7 +6,8 @@ import dataclasses
 import os
 import sys
 
-from .config import Settings
+from shmstream.backends import open_store
+from shmstream.config import Settings
 
 # serve flag -> environment variable read by gunicorn_config (not a Settings field)
 _PROCESS_FLAGS = {"bind": "SHMSTREAM_BIND", "workers": "SHMSTREAM_WORKERS",
@@ -24,7 +25,7 @@ def serve(args) -> int:
     }
     settings = dataclasses.replace(settings, **overrides)
     try:
-        settings.open_store().close()
+        open_store(settings).close()
     except ValueError as exc:
         print(f"shmstream serve: {exc}", file=sys.stderr)
         return 2
@@ -33,6 +34,6 @@ def serve(args) -> int:
         value = getattr(args, flag, None)
         if value is not None:
             env[variable] = str(value)
-    argv = [sys.executable, "-m", "gunicorn", "-c", "python:shmstream.gunicorn_config"]
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:shmstream.serve.gunicorn_config"]
     os.execve(sys.executable, argv, env)
     return 0  # not reached

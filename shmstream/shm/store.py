@@ -10,17 +10,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from time import perf_counter_ns
 
 from posix_ipc import BusyError
 
-from . import layout, metrics, ring, segment
-from .errors import InvalidConversationId, StoreUnavailable
-from .layout import FLAG_CANCEL, CorruptSegment, State
-from .store import (
+from shmstream.shm import layout, segment
+from shmstream.shm.layout import FLAG_CANCEL, CorruptSegment
+from shmstream.shm.sync import (
+    STUCK_LOCK_TIMEOUT,
+    CurrentPid,
+    LockTimeout,
+    flocked,
+    process_alive,
+    process_start_time,
+)
+from shmstream.store import ring
+from shmstream.store.errors import InvalidConversationId, StoreUnavailable
+from shmstream.store.interface import (
     DEFAULT_CAPACITY,
     DEFAULT_TTL,
     GCReport,
@@ -30,14 +38,7 @@ from .store import (
     matches_lookup,
     now_us,
 )
-from .sync import (
-    STUCK_LOCK_TIMEOUT,
-    CurrentPid,
-    LockTimeout,
-    flocked,
-    process_alive,
-    process_start_time,
-)
+from shmstream.store.states import State
 
 log = logging.getLogger("shmstream.store")
 
@@ -574,7 +575,4 @@ class ShmStore(SessionStore):
         for path in (segment.recovery_lock_path(self.namespace), self._registry_lock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        # The service's Prometheus files live beside the segments (shmstream.metrics).
-        shutil.rmtree(metrics.directory_for(self.namespace, segment.SHM_DIR),
-                      ignore_errors=True)
         return removed

@@ -9,7 +9,7 @@ The pieces, from the bottom:
   does not), so the upstream sees its client go and stops generating.
 - :class:`Upstream` / :class:`UpstreamResponse`: what the HTTP layer needs from an
   OpenAI-compatible server. :class:`HttpUpstream` is the real one (pooled httpx client);
-  :mod:`shmstream.demo` is an in-process one.
+  :mod:`shmstream.relay.demo` is an in-process one.
 - :class:`Producer`: one thread per streamed completion. It sends the request, hands the
   upstream's answer (status line or error) to the waiting caller, appends every body byte to
   the session, and always finalizes and closes the session.
@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 import httpcore
 import httpx
 
-from . import metrics
-from .errors import ShmstreamError
-from .layout import State
-from .segment import short_hash
-from .store import Session, SessionStore
+from shmstream import metrics
+from shmstream.store.errors import ShmstreamError
+from shmstream.store.ids import short_hash
+from shmstream.store.interface import Session, SessionStore
+from shmstream.store.states import State
 
-log = logging.getLogger("shmstream.upstream")
+log = logging.getLogger("shmstream.relay.upstream")
 
 JSON_TYPE = "application/json; charset=utf-8"
 PING = b":\n\n"  # the SSE comment llama-server sends while it has nothing to say

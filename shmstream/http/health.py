@@ -21,8 +21,14 @@ import time
 import falcon
 import httpx
 
-from .store import SessionStore
-from .upstream import JSON_TYPE, HttpUpstream, Upstream, UpstreamRequest, error_object
+from shmstream.relay.upstream import (
+    JSON_TYPE,
+    HttpUpstream,
+    Upstream,
+    UpstreamRequest,
+    error_object,
+)
+from shmstream.store.interface import SessionStore
 
 PROBE_INTERVAL = 3.0  # seconds a probe result is reused
 PROBE_TIMEOUT = 2.0  # seconds the upstream may take to answer its /health
@@ -111,7 +117,7 @@ class HealthProbe:
             return response.status_code, raw[:MAX_HEALTH_BODY]
 
     def _probe_generic(self) -> tuple[int, bytes]:
-        from .upstream import Abort
+        from shmstream.relay.upstream import Abort
 
         abort = Abort()
         timer = threading.Timer(self.timeout, abort.abort)

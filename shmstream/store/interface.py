@@ -2,7 +2,7 @@
 
 The HTTP layer talks only to these classes, so it never knows which backend it uses. The
 protocol decisions that are the same everywhere (what a reader does at an offset, when it
-stops) live here and in :mod:`shmstream.ring`, not in the backends.
+stops) live here and in :mod:`shmstream.store.ring`, not in the backends.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .layout import State
+from shmstream.store.states import State
 
 DEFAULT_CAPACITY = 4 * 1024 * 1024  # bytes held per session (the seed's cap)
 DEFAULT_TTL = 300.0  # seconds a finished session stays readable
@@ -116,7 +116,7 @@ class Session(abc.ABC):
     def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
         """Bytes from ``offset`` (maybe empty) and whether the session finished.
 
-        Raises :class:`~shmstream.errors.OffsetLost`. When it returns no bytes and not
+        Raises :class:`~shmstream.store.errors.OffsetLost`. When it returns no bytes and not
         finished, the backend has armed its wake-up: :meth:`_sleep` must follow.
         """
 
@@ -135,7 +135,7 @@ class Session(abc.ABC):
 
         Ends when the session is finished and everything was yielded, or when
         ``should_stop()`` turns true (checked at least every ``wake_interval`` seconds).
-        Raises :class:`~shmstream.errors.OffsetLost` if ``offset`` (or a later position of
+        Raises :class:`~shmstream.store.errors.OffsetLost` if ``offset`` (or a later position of
         this reader, lapped by the producer) is no longer held.
         """
         while True:

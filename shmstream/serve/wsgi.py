@@ -1,4 +1,4 @@
-"""The WSGI entry point for gunicorn: ``shmstream.wsgi:application``.
+"""The WSGI entry point for gunicorn: ``shmstream.serve.wsgi:application``.
 
 The app is built on the first request in each worker process, never at import: the gunicorn
 master (which may import this module, e.g. with ``preload_app``) must not map shared memory,
@@ -31,14 +31,15 @@ def _configure_logging() -> None:
 
 def build():
     """This process's app, from ``SHMSTREAM_*`` variables."""
-    from . import metrics
-    from .app import create_app, make_upstream
-    from .config import Settings
+    from shmstream import metrics
+    from shmstream.backends import open_store
+    from shmstream.config import Settings
+    from shmstream.http.app import create_app, make_upstream
 
     _configure_logging()
     metrics.get()  # reserve this worker's metric files now, not when /dev/shm may be full
     settings = Settings.from_env()
-    store = settings.open_store()
+    store = open_store(settings)
     return create_app(store, settings, make_upstream(settings))
 
 

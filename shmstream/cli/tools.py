@@ -1,7 +1,7 @@
 """The operator's segment tools: ``shmstream ls | dump | load | tail | gc | purge``.
 
-Like Aeron's ``LogInspector``, they read segments only through :mod:`shmstream.registry`
-(which maps them) and the :class:`~shmstream.layout.Header` accessors (which know where every
+Like Aeron's ``LogInspector``, they read segments only through :mod:`shmstream.shm.store`
+(which maps them) and the :class:`~shmstream.shm.layout.Header` accessors (which know where every
 field lives); nothing here computes an offset into a segment. They work while a server runs
 (each read holds a segment's lock for one bounded chunk) and after it stopped.
 
@@ -30,12 +30,13 @@ from typing import IO, BinaryIO
 
 import msgpack
 
-from . import segment
-from .config import Settings
-from .errors import InvalidConversationId, OffsetLost, ShmstreamError
-from .layout import State
-from .registry import ShmSession, ShmStore
-from .store import SessionInfo, now_us
+from shmstream import metrics
+from shmstream.config import Settings
+from shmstream.shm import segment
+from shmstream.shm.store import ShmSession, ShmStore
+from shmstream.store.errors import InvalidConversationId, OffsetLost, ShmstreamError
+from shmstream.store.interface import SessionInfo, now_us
+from shmstream.store.states import State
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -748,6 +749,8 @@ def purge(args) -> int:
             _say("not purged")
             return EXIT_FAILURE
     removed = store.purge()
+    # The service's Prometheus files live beside the segments (shmstream.metrics).
+    metrics.remove_directory(namespace)
     print(f"purged namespace {namespace}: removed {removed} segments and orphan semaphores")
     return EXIT_OK
 

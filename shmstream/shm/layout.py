@@ -41,10 +41,12 @@ assignment, which (unlike ``struct.pack_into``) never exposes a zeroed intermedi
 
 from __future__ import annotations
 
-import enum
 import mmap
 
 import msgpack
+
+from shmstream.store.ids import MAX_META_BYTES, encode_metadata  # noqa: F401 - layout limits
+from shmstream.store.states import State
 
 MAGIC = 0x534D4853  # b"SHMS" little-endian
 VERSION = 1
@@ -102,25 +104,8 @@ RING_OFFSET_I = RING_OFFSET_OFFSET // 4
 
 FLAG_CANCEL = 1
 RING_ALIGN = 64
-MAX_META_BYTES = 64 * 1024
 
 
-class State(enum.IntEnum):
-    """Session states. ``RUNNING`` moves once to one of the terminal states."""
-
-    RUNNING = 0
-    DONE = 1
-    CANCELLED = 2
-    FAILED = 3
-    ABORTED = 4
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-    @property
-    def is_terminal(self) -> bool:
-        return self is not State.RUNNING
 
 
 class CorruptSegment(Exception):
@@ -142,11 +127,6 @@ def ring_offset_for(meta_length: int) -> int:
     return (end + RING_ALIGN - 1) // RING_ALIGN * RING_ALIGN
 
 
-def encode_metadata(metadata: dict) -> bytes:
-    record = msgpack.packb(metadata, use_bin_type=True)
-    if len(record) > MAX_META_BYTES:
-        raise ValueError(f"metadata is {len(record)} bytes, the limit is {MAX_META_BYTES}")
-    return record
 
 
 def segment_size(meta_length: int, capacity: int) -> int:

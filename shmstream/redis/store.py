@@ -1,8 +1,8 @@
-"""The Redis backend: the same sessions as :mod:`shmstream.registry`, shared across hosts.
+"""The Redis backend: the same sessions as :mod:`shmstream.shm.store`, shared across hosts.
 
 Chosen with ``SHMSTREAM_BACKEND=redis://host:port/db``. It implements the
 :class:`~shmstream.store.SessionStore` interface; the protocol decisions (what a reader does at
-an offset, what is dropped) come from :mod:`shmstream.ring` and :mod:`shmstream.store`, so the
+an offset, what is dropped) come from :mod:`shmstream.store.ring` and :mod:`shmstream.store`, so the
 two backends cannot drift apart.
 
 Data model (every key of a namespace carries the hash tag ``{<namespace>}``, so one namespace
@@ -25,8 +25,9 @@ lives in one Cluster slot and the multi-key Lua scripts stay legal)::
   detached from the index, expiring after a grace period), so a handle on it can never see the
   new session's bytes, and open handles keep working as an unlinked shm segment does.
 - **The ring is a fixed-size string written with SETRANGE** at ``offset % capacity``, exactly
-  the layout of :mod:`shmstream.ring`. The alternative, APPEND plus trimming the front, needs a
-  copy of the whole held buffer whenever it trims (Redis cannot cut the front of a string), and
+  the layout of :mod:`shmstream.store.ring`. The alternative, APPEND plus trimming the front,
+  needs a copy of the whole held buffer whenever it trims (Redis cannot cut the front of a
+  string), and
   the string index of a byte changes at every trim, so a reader could not compute where to read
   without first reading the header. With the ring a byte never moves: a reader asks for the
   positions of ``[offset, end)`` and, in the same atomic script call, for ``total``; the bytes
@@ -90,10 +91,14 @@ import msgpack
 import redis
 from redis.exceptions import NoScriptError
 
-from . import layout, ring, segment
-from .errors import InvalidConversationId, OffsetLost, SessionNotFound, StoreUnavailable
-from .layout import State
-from .store import (
+from shmstream.store import ids, ring
+from shmstream.store.errors import (
+    InvalidConversationId,
+    OffsetLost,
+    SessionNotFound,
+    StoreUnavailable,
+)
+from shmstream.store.interface import (
     DEFAULT_CAPACITY,
     DEFAULT_TTL,
     GCReport,
@@ -103,7 +108,8 @@ from .store import (
     matches_lookup,
     now_us,
 )
-from .sync import process_alive, process_start_time
+from shmstream.store.procs import process_alive, process_start_time
+from shmstream.store.states import State
 
 log = logging.getLogger("shmstream.redis")
 
@@ -342,7 +348,7 @@ def _lookup_bases(raw_id: bytes) -> set[bytes]:
     Usually just ``base_id(raw_id)``; but when ``raw_id`` ends in ``:`` (and has no ``::``),
     ``raw_id + "::m"`` has its first ``::`` one byte earlier, so its base is ``raw_id[:-1]``.
     """
-    bases = {segment.base_id(raw_id)}
+    bases = {ids.base_id(raw_id)}
     if raw_id.endswith(b":") and b"::" not in raw_id:
         bases.add(raw_id[:-1])
     return bases
@@ -973,7 +979,7 @@ class RedisStore(SessionStore):
             raise ValueError("lease must be positive")
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("the Redis client must not decode responses (streams are bytes)")
-        self.namespace = segment.validate_namespace(namespace)
+        self.namespace = ids.validate_namespace(namespace)
         self.capacity = capacity
         self.ttl = ttl
         self.max_sessions = max_sessions
@@ -1071,8 +1077,8 @@ class RedisStore(SessionStore):
     # --- helpers ---------------------------------------------------------------------------
     def _ids(self, conversation_id: str) -> tuple[bytes, str, str]:
         """The id's bytes (validated as the shm backend does), base hash and id hash."""
-        raw = segment.encode_id(conversation_id)
-        return raw, _digest(segment.base_id(raw), 16), _digest(raw, 32)
+        raw = ids.encode_id(conversation_id)
+        return raw, _digest(ids.base_id(raw), 16), _digest(raw, 32)
 
     def _finish_times(self) -> list[str]:
         """now_us, ttl_ms and the expiry deadline (ms) for a session finishing now."""
@@ -1105,7 +1111,7 @@ class RedisStore(SessionStore):
     def create_or_replace(self, conversation_id: str,
                           metadata: dict | None = None) -> RedisSession:
         raw, base_hash, id_hash = self._ids(conversation_id)
-        record = layout.encode_metadata({"id": conversation_id, **(metadata or {})})
+        record = ids.encode_metadata({"id": conversation_id, **(metadata or {})})
         gen = secrets.token_hex(8)
         prefix = self._prefix
         member = f"{gen}:{base_hash}:{id_hash}"
@@ -1129,7 +1135,7 @@ class RedisStore(SessionStore):
             raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
         self._keeper().add(gen, control)
         log.info("session created id=%s gen=%s replaced=%s",
-                 segment.short_hash(conversation_id), gen, "yes" if replaced else "no")
+                 ids.short_hash(conversation_id), gen, "yes" if replaced else "no")
         session = RedisSession(self, gen, conversation_id, self.capacity, control=control)
         session.replaced = bool(replaced)
         return session
@@ -1173,7 +1179,7 @@ class RedisStore(SessionStore):
         bases: set[bytes] = set()
         for conversation_id in conversation_ids:
             try:
-                raw = segment.encode_id(conversation_id)
+                raw = ids.encode_id(conversation_id)
             except InvalidConversationId:
                 continue
             requested.append(conversation_id)
@@ -1205,7 +1211,7 @@ class RedisStore(SessionStore):
         )
         if found:
             log.info("session %s id=%s", "cancelled" if cancel else "evicted",
-                     segment.short_hash(conversation_id))
+                     ids.short_hash(conversation_id))
         return bool(found)
 
     def gc(self, now: float | None = None) -> GCReport:

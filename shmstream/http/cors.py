@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import falcon
 
-from .errors import ShmstreamError
+from shmstream.store.errors import ShmstreamError
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, X-Conversation-Id, X-Api-Key"
