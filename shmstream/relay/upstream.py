@@ -373,6 +373,8 @@ class HttpUpstream(Upstream):
 
 # --- headers ------------------------------------------------------------------------------
 
+SESSION_HEADER = "x-conversation-id"  # the session's id; never forwarded upstream
+
 
 def _connection_tokens(value: str | None) -> set[str]:
     return {token.strip().lower() for token in (value or "").split(",") if token.strip()}
@@ -386,8 +388,11 @@ def request_headers(environ: dict, upstream_api_key: str | None = None,
     extended. ``identity`` asks for an unencoded body; without ``with_length`` the
     caller's ``Content-Length`` is dropped (the body was re-framed)."""
     # Expect: the WSGI server already answered "100 Continue"; httpx would not wait for it.
+    # X-Conversation-Id is shmstream's own: an upstream that keeps stream sessions too
+    # (llama-server) would otherwise drain the answer to its end after a Stop closed our
+    # connection, keeping its slot busy (PROTOCOL.md, producing rule 2).
     dropped = (HOP_BY_HOP | _connection_tokens(environ.get("HTTP_CONNECTION"))
-               | {"host", "expect"})
+               | {"host", "expect", SESSION_HEADER})
     if identity:
         dropped = dropped | {"accept-encoding"}
     if upstream_api_key:
