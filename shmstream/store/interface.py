@@ -8,8 +8,9 @@ stops) live here and in :mod:`shmstream.store.ring`, not in the backends.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from shmstream.store.states import State
@@ -35,6 +36,9 @@ class SessionInfo:
     producer_alive: bool = True
     waiters: int = 0
     metadata: dict = field(default_factory=dict)
+    # bytes of storage the session occupies now (shm: pages allocated to its ring; Redis:
+    # the ring string's size); 0 where a backend cannot tell
+    allocated_bytes: int = 0
 
     @property
     def is_done(self) -> bool:
@@ -149,6 +153,28 @@ class Session(abc.ABC):
                 return
             else:
                 self._sleep(wake_interval)
+
+    async def aread(self, offset: int = 0, wake_interval: float = WAKE_INTERVAL,
+                    limit: int | None = None) -> AsyncIterator[bytes]:
+        """The event-loop twin of :meth:`read`: yields the session's bytes from ``offset``
+        on, live, until it ends, and never blocks the loop. A reader whose client left is
+        ended by cancelling the task that iterates. Raises
+        :class:`~shmstream.store.errors.OffsetLost` as :meth:`read` does."""
+        while True:
+            chunk, finished = self._poll(offset, limit)
+            if chunk:
+                offset += len(chunk)
+                yield chunk
+            elif finished:
+                return
+            else:
+                await self._await_change(wake_interval)
+
+    async def _await_change(self, timeout: float) -> None:
+        """Wait, without blocking the loop, until new bytes or a terminal state may be
+        there, or ``timeout``. This default spends a thread per waiting reader; backends
+        override it with one waiter per session per process that wakes every local reader."""
+        await asyncio.to_thread(self._sleep, timeout)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release this handle's resources."""
