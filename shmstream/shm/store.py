@@ -11,13 +11,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 
 from posix_ipc import BusyError
 
 from shmstream.shm import layout, segment
-from shmstream.shm.layout import FLAG_CANCEL, CorruptSegment
+from shmstream.shm.layout import FLAG_CANCEL, FLAG_RING_CAPPED, CorruptSegment
 from shmstream.shm.sync import (
     STUCK_LOCK_TIMEOUT,
     CurrentPid,
@@ -48,29 +48,42 @@ SPIN_NS = 50_000
 SPIN_BATCH = 16
 # abort_producers runs often (supervisor, child_exit): it skips a busy segment quickly.
 REAP_LOCK_TIMEOUT = 1.0
+# How long a process reuses its count of the namespace's allocated bytes when a ring wants
+# to grow under max_shm_bytes (counting stats every segment).
+QUOTA_RECOUNT_INTERVAL = 1.0
 
 _RUNNING = State.RUNNING
 _STATE_I = layout.STATE_I
 _FLAGS_I = layout.FLAGS_I
 _TOTAL_Q = layout.TOTAL_Q
-_DROPPED_Q = layout.DROPPED_Q
+_ALLOCATED_Q = layout.ALLOCATED_Q
+_CAPACITY_Q = layout.CAPACITY_Q
 _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
 _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
 
 
-class ShmSession(Session):
-    """A handle on one mapped segment. Not thread-safe: one handle per thread."""
+def _pages(size: int) -> int:
+    return -(-size // layout.PAGE) * layout.PAGE
 
-    def __init__(self, seg: segment.Segment, conversation_id: str):
+
+class ShmSession(Session):
+    """A handle on one mapped segment. Not thread-safe: one handle per thread.
+
+    ``may_grow(extra_bytes)`` (from the store) says whether the quota lets the ring grow.
+    """
+
+    def __init__(self, seg: segment.Segment, conversation_id: str,
+                 may_grow: Callable[[int], bool] | None = None):
         self.conversation_id = conversation_id
         self.segment = seg
+        self._may_grow = may_grow
         header = seg.header
         self._q = header.q
         self._i = header.i
         self._ring = header.ring
-        self._capacity = header.capacity
+        self._at_cap = False  # allocated reached capacity: never grows again
         self._lock = seg.lock
         self._semaphore = seg.semaphore
         self._lock_check_interval = seg.lock.check_interval
@@ -97,8 +110,10 @@ class ShmSession(Session):
         try:
             if i[_STATE_I] != _RUNNING:
                 return False
-            capacity = self._capacity
             total = q[_TOTAL_Q]
+            if not self._at_cap and total + length > q[_ALLOCATED_Q]:
+                self._make_room(total + length)
+            capacity = q[_CAPACITY_Q]
             position = total % capacity
             end = position + length
             if end <= capacity:
@@ -107,8 +122,6 @@ class ShmSession(Session):
             else:
                 total = ring.write(self._ring, capacity, total, data)
             q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
-            if total > capacity:
-                q[_DROPPED_Q] = total - capacity
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
             if waiters:
@@ -119,6 +132,33 @@ class ShmSession(Session):
         if waiters:
             self._doorbell.ring()
         return True
+
+    def _make_room(self, needed: int) -> None:
+        """Lock held, before writing up to stream offset ``needed``: grow the ring so its
+        bytes ``[0, min(needed, capacity))`` have pages. If /dev/shm (or the quota) has no
+        room, stop growing instead: ``capacity = allocated``, which keeps every held byte
+        where it is (``total <= allocated`` and nothing wrapped yet); the session streams
+        on inside that ring, dropping from the front."""
+        q = self._q
+        capacity, allocated = q[_CAPACITY_Q], q[_ALLOCATED_Q]
+        if allocated < capacity:
+            wanted = min(needed, capacity)
+            reason = None
+            extra = layout.grown_allocation(allocated, wanted, capacity) - allocated
+            if self._may_grow is not None and not self._may_grow(extra):
+                reason = "the shared-memory quota is reached"
+            else:
+                try:
+                    allocated = self.segment.grow(wanted)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+            if reason is not None:
+                q[_CAPACITY_Q] = capacity = allocated
+                self._i[_FLAGS_I] |= FLAG_RING_CAPPED
+                log.warning("session id=%s: ring capped at %d bytes, it cannot grow (%s); "
+                            "it keeps streaming, dropping its oldest bytes",
+                            segment.short_hash(self.conversation_id), allocated, reason)
+        self._at_cap = allocated >= capacity
 
     def _finish(self, state: State, cancel: bool) -> bool:
         if state is _RUNNING:
@@ -149,10 +189,12 @@ class ShmSession(Session):
     # --- reading --------------------------------------------------------------------------
     def info(self) -> SessionInfo:
         header = self.segment.header
-        with self._lock:
+        with self._lock:  # fields read together, never combined with unlocked reads
             state = header.state
             total = header.total
-            dropped = header.dropped
+            capacity = header.capacity
+            allocated = header.allocated
+            capped = bool(header.flags & FLAG_RING_CAPPED)
             started = header.started_at_us
             completed = header.completed_at_us
             pid = header.producer_pid
@@ -162,19 +204,21 @@ class ShmSession(Session):
             conversation_id=self.conversation_id,
             state=state,
             total_bytes=total,
-            dropped_bytes=dropped,
-            capacity=header.capacity,
+            dropped_bytes=ring.dropped_for(total, capacity),
+            capacity=capacity,
             started_at=started / 1e6,
             completed_at=completed / 1e6,
             producer_pid=pid,
             producer_alive=process_alive(pid, start_time),
             waiters=waiters,
             metadata=header.metadata(),
+            allocated_bytes=_pages(header.ring_offset + allocated),
+            ring_capped=capped,
         )
 
     def reopen(self) -> ShmSession:
         # The mapping stays valid after the name is unlinked (replace, evict): share it.
-        return ShmSession(self.segment.retain(), self.conversation_id)
+        return ShmSession(self.segment.retain(), self.conversation_id, self._may_grow)
 
     def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, int, int]:
         """(state, completed_at_us, producer pid, producer start time), read together under
@@ -193,7 +237,7 @@ class ShmSession(Session):
         try:
             total = q[_TOTAL_Q]
             finished = i[_STATE_I] != _RUNNING
-            chunk = ring.read(self._ring, self._capacity, total, offset, limit)
+            chunk = ring.read(self._ring, q[_CAPACITY_Q], total, offset, limit)
             if not chunk and not finished:
                 # The ticket matches this `total`: any later publish moves the word.
                 self._ticket = i[_FUTEX_I]
@@ -274,6 +318,9 @@ class ShmStore(SessionStore):
         self.max_sessions = max_sessions
         self.max_shm_bytes = max_shm_bytes
         self._registry_lock = segment.registry_lock_path(namespace)
+        self._counted_bytes = 0  # the namespace's allocated bytes as last counted ...
+        self._counted_at = -QUOTA_RECOUNT_INTERVAL  # ... at this monotonic time
+        self._may_grow = None if max_shm_bytes is None else self._quota_allows
 
     def __repr__(self) -> str:
         return f"ShmStore(namespace={self.namespace!r}, capacity={self.capacity})"
@@ -292,7 +339,7 @@ class ShmStore(SessionStore):
             )
         log.info("session created id=%s replaced=%s", segment.short_hash(conversation_id),
                  "yes" if replaced else "no")
-        session = ShmSession(seg, conversation_id)
+        session = ShmSession(seg, conversation_id, self._may_grow)
         session.replaced = replaced
         return session
 
@@ -342,16 +389,20 @@ class ShmStore(SessionStore):
             try:
                 q, i = seg.header.q, seg.header.i
                 with seg.lock:  # filled before the registry lock lets anyone open it
+                    try:
+                        seg.grow(min(total, capacity))
+                    except OSError as exc:
+                        raise StoreUnavailable(f"no room in {segment.SHM_DIR} to restore "
+                                               f"{len(data)} bytes ({exc.strerror})") from None
                     q[_TOTAL_Q] = ring.write(seg.header.ring, capacity, dropped, data)
-                    q[_DROPPED_Q] = dropped
                     q[_COMPLETED_AT_Q] = completed_at_us
                     i[_STATE_I] = state
             except BaseException:
                 seg.close()
-                segment.unlink(name)
+                segment.retire(self.namespace, name)
                 raise
         log.info("session restored id=%s", segment.short_hash(conversation_id))
-        return ShmSession(seg, conversation_id)
+        return ShmSession(seg, conversation_id, self._may_grow)
 
     def _check_quota(self, conversation_id: str) -> None:
         if self.max_sessions is None and self.max_shm_bytes is None:
@@ -360,16 +411,34 @@ class ShmStore(SessionStore):
         if self.max_sessions is not None and len(names) >= self.max_sessions:
             raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
         if self.max_shm_bytes is not None:
-            used = 0
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):
-                    used += os.stat(os.path.join(segment.SHM_DIR, name)).st_size
+            used = self._count_allocated()
             record = layout.encode_metadata({"id": conversation_id})
-            needed = layout.segment_size(len(record) + 64, self.capacity)
+            # What a new session allocates at once: header, metadata (+64 B of the
+            # caller's), its first ring step, and its semaphore's page.
+            needed = _pages(layout.ring_offset_for(len(record) + 64)
+                            + layout.initial_allocation(self.capacity)) + layout.PAGE
             if used + needed > self.max_shm_bytes:
                 raise StoreUnavailable(
                     f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
                 )
+
+    def _count_allocated(self) -> int:
+        """The namespace's allocated bytes now (retired segments still mapped included)."""
+        self._counted_bytes = segment.namespace_allocated_bytes(self.namespace)
+        self._counted_at = time.monotonic()
+        return self._counted_bytes
+
+    def _quota_allows(self, extra: int) -> bool:
+        """Whether a ring of this store may grow by ``extra`` bytes under max_shm_bytes.
+        Counts at most every QUOTA_RECOUNT_INTERVAL (a stat per segment), adding this
+        process's growth in between: a soft bound, exact to what other processes grew
+        within one interval."""
+        if time.monotonic() - self._counted_at > QUOTA_RECOUNT_INTERVAL:
+            self._count_allocated()
+        if self._counted_bytes + extra > self.max_shm_bytes:
+            return False
+        self._counted_bytes += extra
+        return True
 
     def _retire(self, name: str, cancel: bool) -> bool:
         """Finalize and unlink whatever lives at ``name``. Registry lock held exclusively.
@@ -381,7 +450,7 @@ class ShmStore(SessionStore):
             seg = segment.open_segment(self.namespace, name)
         except CorruptSegment as exc:
             log.warning("removing unusable segment %s: %s", name, exc)
-            segment.unlink(name)
+            segment.retire(self.namespace, name)
             return False
         if seg is None:
             return False
@@ -392,8 +461,8 @@ class ShmStore(SessionStore):
             else:
                 session.finalize(State.DONE)
         finally:
-            segment.unlink(name)
-            session.close()
+            session.close()  # first: our own mapping would keep it "in use"
+            segment.retire(self.namespace, name)
         return True
 
     # --- finding --------------------------------------------------------------------------
@@ -417,7 +486,7 @@ class ShmStore(SessionStore):
                                            and stored != conversation_id):
             seg.close()  # a hash collision or a foreign record: not this session
             return None
-        return ShmSession(seg, stored)
+        return ShmSession(seg, stored, self._may_grow)
 
     def get(self, conversation_id: str) -> ShmSession | None:
         name = segment.segment_name(self.namespace, conversation_id)
@@ -450,7 +519,10 @@ class ShmStore(SessionStore):
             requested.append(conversation_id)
         if not requested:
             return []
-        names = [n for n in segment.list_names(self.namespace) if segment.prefix_of(n) in prefixes]
+        # The index, not a listing of /dev/shm: a few entries per prefix, whatever the
+        # number of sessions.
+        names = sorted({name for prefix in prefixes
+                        for name in segment.indexed_names(self.namespace, prefix)})
         return [
             info for info in self._infos(names)
             if any(matches_lookup(info.conversation_id, rid) for rid in requested)
@@ -488,27 +560,39 @@ class ShmStore(SessionStore):
                 except CorruptSegment as exc:
                     if exc.unfinished:
                         log.warning("gc: removing unfinished segment %s: %s", name, exc)
-                        segment.unlink(name)
+                        segment.retire(self.namespace, name)
                         report.corrupt_removed += 1
                     continue
                 if seg is None:
                     continue
+                if not segment.is_indexed(self.namespace, name):
+                    # Its creator died between creating and indexing it.
+                    segment.add_to_index(self.namespace, name)
                 session = ShmSession(seg, "")
+                remove = False
                 try:
-                    self._collect(session, name, cutoff_us, report)
+                    remove = self._collect(session, name, cutoff_us, report)
                 except LockTimeout:
                     # Nobody can use this session again; its readers time out too.
                     log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
-                    segment.unlink(name)
+                    remove = True
                     report.corrupt_removed += 1
                 finally:
                     session.close()
+                if remove:
+                    segment.retire(self.namespace, name)
             for name in segment.list_orphan_semaphores(self.namespace):
                 segment.unlink(name)
                 report.corrupt_removed += 1
+            freed = segment.collect_retired(self.namespace)
+            if freed:
+                log.info("gc: freed %d replaced or removed segments no process maps any more",
+                         freed)
         return report
 
-    def _collect(self, session: ShmSession, name: str, cutoff_us: int, report: GCReport):
+    def _collect(self, session: ShmSession, name: str, cutoff_us: int,
+                 report: GCReport) -> bool:
+        """Reap or expire one session; True if it is to be removed (expired)."""
         if session.segment.lock.release_if_dead_owner():
             report.locks_recovered += 1
             log.warning("gc: released the lock of %s from dead pid", name)
@@ -519,13 +603,12 @@ class ShmStore(SessionStore):
                 log.warning("session aborted id=%s producer pid %d died (gc, segment %s)",
                             _id_tag(session), pid, name)
         elif state.is_terminal and completed <= cutoff_us:
-            tag = _id_tag(session)
-            segment.unlink(name)
             report.expired += 1
-            log.info("session expired id=%s state=%s ended %.0fs ago", tag, state.label,
-                     (cutoff_us - completed) / 1e6 + self.ttl)
-            return
+            log.info("session expired id=%s state=%s ended %.0fs ago", _id_tag(session),
+                     state.label, (cutoff_us - completed) / 1e6 + self.ttl)
+            return True
         report.kept += 1
+        return False
 
     def abort_producers(self, pids: Iterable[int] | None = None) -> int:
         """Finalize as ``aborted`` the running sessions whose producer process is dead
@@ -572,6 +655,11 @@ class ShmStore(SessionStore):
             for name in segment.list_orphan_semaphores(self.namespace):
                 segment.unlink(name)
                 removed += 1
+            for name in segment.list_retired(self.namespace):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(segment.SHM_DIR, name))
+                    removed += 1
+            segment.remove_index(self.namespace)
         for path in (segment.recovery_lock_path(self.namespace), self._registry_lock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -39,6 +39,9 @@ class SessionInfo:
     # bytes of storage the session occupies now (shm: pages allocated to its ring; Redis:
     # the ring string's size); 0 where a backend cannot tell
     allocated_bytes: int = 0
+    # shm: /dev/shm (or the quota) was full when the ring needed to grow, so its capacity
+    # was lowered to what it had (it streams on, dropping its oldest bytes)
+    ring_capped: bool = False
 
     @property
     def is_done(self) -> bool:
