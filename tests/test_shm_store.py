@@ -563,7 +563,7 @@ print(json.dumps({
     "created": created,
     "error": error,
     "segments_after_failure": sum(1 for n in names_after_failure if n.startswith(namespace + ".")
-                                  and not n.endswith((".lock", ".recover"))),
+                                  and not n.endswith((".lock", ".recover", ".index"))),
     "semaphores_after_failure": sum(1 for n in names_after_failure
                                     if n.startswith("sem." + namespace + ".")),
     "again_ok": again_ok,
