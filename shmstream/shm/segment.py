@@ -176,12 +176,13 @@ def allocated_bytes(name: str) -> int:
 
 
 def namespace_allocated_bytes(namespace: str) -> int:
-    """Pages held by every segment of ``namespace``, retired ones still mapped included
-    (semaphores and index entries, a page or none each, are not counted)."""
+    """Pages held by every segment and semaphore of ``namespace``, retired segments still
+    mapped included (index entries and lock files hold no pages)."""
     names, retired = _name_pattern(namespace), _retired_pattern(namespace)
-    start = namespace + "."
+    start, semaphores = namespace + ".", "sem." + namespace + "."
     return sum(allocated_bytes(e) for e in _shm_entries()
-               if e.startswith(start) and (names.fullmatch(e) or retired.fullmatch(e)))
+               if (e.startswith(start) and (names.fullmatch(e) or retired.fullmatch(e)))
+               or (e.startswith(semaphores) and names.fullmatch(e, 4)))
 
 
 def list_orphan_semaphores(namespace: str) -> list[str]:

@@ -71,11 +71,12 @@ def _pages(size: int) -> int:
 class ShmSession(Session):
     """A handle on one mapped segment. Not thread-safe: one handle per thread.
 
-    ``may_grow(extra_bytes)`` (from the store) says whether the quota lets the ring grow.
+    ``may_grow(extra_bytes)`` (from the store) says how many more bytes the quota lets the
+    ring grow by.
     """
 
     def __init__(self, seg: segment.Segment, conversation_id: str,
-                 may_grow: Callable[[int], bool] | None = None):
+                 may_grow: Callable[[int], int] | None = None):
         self.conversation_id = conversation_id
         self.segment = seg
         self._may_grow = may_grow
@@ -144,14 +145,19 @@ class ShmSession(Session):
         if allocated < capacity:
             wanted = min(needed, capacity)
             reason = None
-            extra = layout.grown_allocation(allocated, wanted, capacity) - allocated
-            if self._may_grow is not None and not self._may_grow(extra):
-                reason = "the shared-memory quota is reached"
-            else:
-                try:
-                    allocated = self.segment.grow(wanted)
-                except OSError as exc:
-                    reason = exc.strerror or str(exc)
+            if self._may_grow is not None:
+                extra = layout.grown_allocation(allocated, wanted, capacity) - allocated
+                allowed = self._may_grow(extra)
+                if allowed < extra:  # grow by the whole steps the quota has left
+                    reason = "the shared-memory quota is reached"
+                    wanted = allocated + allowed // layout.GROWTH_STEP * layout.GROWTH_STEP
+            try:
+                allocated = self.segment.grow(wanted)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                if wanted > allocated + layout.GROWTH_STEP:
+                    with contextlib.suppress(OSError):  # a single step may still fit
+                        allocated = self.segment.grow(allocated + 1)
             if reason is not None:
                 q[_CAPACITY_Q] = capacity = allocated
                 self._i[_FLAGS_I] |= FLAG_RING_CAPPED
@@ -421,6 +427,7 @@ class ShmStore(SessionStore):
                 raise StoreUnavailable(
                     f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
                 )
+            self._counted_bytes = used + needed  # what growth checks count from next
 
     def _count_allocated(self) -> int:
         """The namespace's allocated bytes now (retired segments still mapped included)."""
@@ -428,17 +435,16 @@ class ShmStore(SessionStore):
         self._counted_at = time.monotonic()
         return self._counted_bytes
 
-    def _quota_allows(self, extra: int) -> bool:
-        """Whether a ring of this store may grow by ``extra`` bytes under max_shm_bytes.
-        Counts at most every QUOTA_RECOUNT_INTERVAL (a stat per segment), adding this
-        process's growth in between: a soft bound, exact to what other processes grew
-        within one interval."""
+    def _quota_allows(self, extra: int) -> int:
+        """How many of ``extra`` bytes a ring of this store may grow by under
+        max_shm_bytes (all of them, or what is left). Counts at most every
+        QUOTA_RECOUNT_INTERVAL (a stat per segment), adding this process's growth in
+        between: a soft bound, exact to what other processes grew within one interval."""
         if time.monotonic() - self._counted_at > QUOTA_RECOUNT_INTERVAL:
             self._count_allocated()
-        if self._counted_bytes + extra > self.max_shm_bytes:
-            return False
-        self._counted_bytes += extra
-        return True
+        allowed = max(0, min(extra, self.max_shm_bytes - self._counted_bytes))
+        self._counted_bytes += allowed
+        return allowed
 
     def _retire(self, name: str, cancel: bool) -> bool:
         """Finalize and unlink whatever lives at ``name``. Registry lock held exclusively.
