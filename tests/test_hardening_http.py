@@ -344,7 +344,7 @@ CORRUPTIONS = {
     "ring past the end": lambda size: [(layout.RING_OFFSET_OFFSET, _u32(size))],
     "capacity lies": lambda size: [(layout.CAPACITY_OFFSET, _u64(2**40))],
     "metadata length lies": lambda size: [(layout.META_LENGTH_OFFSET, _u32(2**31))],
-    "dropped past total": lambda size: [(layout.DROPPED_OFFSET, _u64(2**62))],
+    "allocated past the end": lambda size: [(layout.ALLOCATED_OFFSET, _u64(2**62))],
     "total past the ring": lambda size: [(layout.TOTAL_OFFSET, _u64(2**62))],
     "unknown state": lambda size: [(layout.STATE_OFFSET, _u32(77))],
     "garbage metadata": lambda size: [(layout.META_OFFSET, b"\xc1" * 16)],
