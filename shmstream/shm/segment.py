@@ -371,14 +371,14 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
     header = None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        os.ftruncate(fd, size)  # sparse: no page yet
         try:
+            os.ftruncate(fd, size)  # sparse: no page yet
             reserve_pages(fd, layout.ring_offset_for(len(record)) + allocated)
+            mapping = mmap.mmap(fd, size)  # ENOMEM: no address space for a huge capacity
         except OSError as exc:
             if exc.errno in _NO_ROOM:
-                raise _no_room("a new session", exc) from None
+                raise _no_room(f"a session of capacity {capacity}", exc) from None
             raise
-        mapping = mmap.mmap(fd, size)
         try:
             try:
                 semaphore = posix_ipc.Semaphore(
