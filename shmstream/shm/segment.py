@@ -34,6 +34,7 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import posix_ipc
@@ -313,6 +314,37 @@ class Segment:
             q[layout.ALLOCATED_Q] = target  # a single u64 store, after the pages exist
         return target
 
+    def make_room(self, needed: int, may_grow: Callable[[int], int] | None) -> str | None:
+        """Lock held, before writing up to stream offset ``needed``: grow the ring so its
+        bytes ``[0, min(needed, capacity))`` have pages. If /dev/shm (or the quota,
+        ``may_grow(extra) -> bytes allowed``) has no room, stop growing instead:
+        ``capacity = allocated``, which keeps every held byte where it is (``total <=
+        allocated`` and nothing wrapped yet), and set FLAG_RING_CAPPED. Returns why it
+        capped the ring, or None."""
+        q = self.header.q
+        capacity, allocated = q[layout.CAPACITY_Q], q[layout.ALLOCATED_Q]
+        if allocated >= capacity:
+            return None
+        wanted = min(needed, capacity)
+        reason = None
+        if may_grow is not None:
+            extra = layout.grown_allocation(allocated, wanted, capacity) - allocated
+            allowed = may_grow(extra)
+            if allowed < extra:  # grow by the whole steps the quota has left
+                reason = "the shared-memory quota is reached"
+                wanted = allocated + allowed // layout.GROWTH_STEP * layout.GROWTH_STEP
+        try:
+            allocated = self.grow(wanted)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if wanted > allocated + layout.GROWTH_STEP:
+                with contextlib.suppress(OSError):  # a single step may still fit
+                    allocated = self.grow(allocated + 1)
+        if reason is not None:
+            q[layout.CAPACITY_Q] = allocated
+            self.header.i[layout.FLAGS_I] |= layout.FLAG_RING_CAPPED
+        return reason
+
     def _growth_fd(self) -> int:
         if self.fd is None:
             fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR | os.O_CLOEXEC)
@@ -455,3 +487,21 @@ def open_segment(namespace: str, name: str) -> Segment | None:
         raise
     return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace),
                            stat.st_ino)
+
+
+def purge(namespace: str) -> int:
+    """Remove every segment (retired ones too), semaphore and the index of ``namespace``.
+    Registry lock held exclusively. Returns how many objects went."""
+    removed = 0
+    for name in list_names(namespace):
+        unlink(name)
+        removed += 1
+    for name in list_orphan_semaphores(namespace):
+        unlink(name)
+        removed += 1
+    for name in list_retired(namespace):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed += 1
+    remove_index(namespace)
+    return removed

@@ -18,6 +18,7 @@ from posix_ipc import BusyError
 
 from shmstream.shm import layout, segment
 from shmstream.shm.layout import FLAG_CANCEL, FLAG_RING_CAPPED, CorruptSegment
+from shmstream.shm.quota import Quota, pages
 from shmstream.shm.sync import (
     STUCK_LOCK_TIMEOUT,
     CurrentPid,
@@ -48,9 +49,6 @@ SPIN_NS = 50_000
 SPIN_BATCH = 16
 # abort_producers runs often (supervisor, child_exit): it skips a busy segment quickly.
 REAP_LOCK_TIMEOUT = 1.0
-# How long a process reuses its count of the namespace's allocated bytes when a ring wants
-# to grow under max_shm_bytes (counting stats every segment).
-QUOTA_RECOUNT_INTERVAL = 1.0
 
 _RUNNING = State.RUNNING
 _STATE_I = layout.STATE_I
@@ -62,10 +60,6 @@ _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
 _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
-
-
-def _pages(size: int) -> int:
-    return -(-size // layout.PAGE) * layout.PAGE
 
 
 class ShmSession(Session):
@@ -135,36 +129,14 @@ class ShmSession(Session):
         return True
 
     def _make_room(self, needed: int) -> None:
-        """Lock held, before writing up to stream offset ``needed``: grow the ring so its
-        bytes ``[0, min(needed, capacity))`` have pages. If /dev/shm (or the quota) has no
-        room, stop growing instead: ``capacity = allocated``, which keeps every held byte
-        where it is (``total <= allocated`` and nothing wrapped yet); the session streams
-        on inside that ring, dropping from the front."""
-        q = self._q
-        capacity, allocated = q[_CAPACITY_Q], q[_ALLOCATED_Q]
-        if allocated < capacity:
-            wanted = min(needed, capacity)
-            reason = None
-            if self._may_grow is not None:
-                extra = layout.grown_allocation(allocated, wanted, capacity) - allocated
-                allowed = self._may_grow(extra)
-                if allowed < extra:  # grow by the whole steps the quota has left
-                    reason = "the shared-memory quota is reached"
-                    wanted = allocated + allowed // layout.GROWTH_STEP * layout.GROWTH_STEP
-            try:
-                allocated = self.segment.grow(wanted)
-            except OSError as exc:
-                reason = exc.strerror or str(exc)
-                if wanted > allocated + layout.GROWTH_STEP:
-                    with contextlib.suppress(OSError):  # a single step may still fit
-                        allocated = self.segment.grow(allocated + 1)
-            if reason is not None:
-                q[_CAPACITY_Q] = capacity = allocated
-                self._i[_FLAGS_I] |= FLAG_RING_CAPPED
-                log.warning("session id=%s: ring capped at %d bytes, it cannot grow (%s); "
-                            "it keeps streaming, dropping its oldest bytes",
-                            segment.short_hash(self.conversation_id), allocated, reason)
-        self._at_cap = allocated >= capacity
+        """Lock held: grow the ring for bytes up to ``needed``, or cap it (Segment.make_room);
+        a capped session streams on inside the ring it has, dropping from the front."""
+        reason = self.segment.make_room(needed, self._may_grow)
+        if reason is not None:
+            log.warning("session id=%s: ring capped at %d bytes, it cannot grow (%s); it "
+                        "keeps streaming, dropping its oldest bytes",
+                        segment.short_hash(self.conversation_id), self._q[_CAPACITY_Q], reason)
+        self._at_cap = self._q[_ALLOCATED_Q] >= self._q[_CAPACITY_Q]
 
     def _finish(self, state: State, cancel: bool) -> bool:
         if state is _RUNNING:
@@ -218,7 +190,7 @@ class ShmSession(Session):
             producer_alive=process_alive(pid, start_time),
             waiters=waiters,
             metadata=header.metadata(),
-            allocated_bytes=_pages(header.ring_offset + allocated),
+            allocated_bytes=pages(header.ring_offset + allocated),
             ring_capped=capped,
         )
 
@@ -324,9 +296,8 @@ class ShmStore(SessionStore):
         self.max_sessions = max_sessions
         self.max_shm_bytes = max_shm_bytes
         self._registry_lock = segment.registry_lock_path(namespace)
-        self._counted_bytes = 0  # the namespace's allocated bytes as last counted ...
-        self._counted_at = -QUOTA_RECOUNT_INTERVAL  # ... at this monotonic time
-        self._may_grow = None if max_shm_bytes is None else self._quota_allows
+        self._quota = Quota(self.namespace, max_sessions, max_shm_bytes, capacity)
+        self._may_grow = None if max_shm_bytes is None else self._quota.allows_growth
 
     def __repr__(self) -> str:
         return f"ShmStore(namespace={self.namespace!r}, capacity={self.capacity})"
@@ -338,7 +309,7 @@ class ShmStore(SessionStore):
         pid = os.getpid()
         with flocked(self._registry_lock):
             replaced = self._retire(name, cancel=True)
-            self._check_quota(conversation_id)
+            self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=self.capacity, metadata=record,
                 started_at_us=now_us(), producer_pid=pid, producer_start=process_start_time(pid),
@@ -387,7 +358,7 @@ class ShmStore(SessionStore):
         name = segment.segment_name(self.namespace, conversation_id)
         with flocked(self._registry_lock):
             self._retire(name, cancel=True)
-            self._check_quota(conversation_id)
+            self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=capacity, metadata=record,
                 started_at_us=started_at_us, producer_pid=0, producer_start=0,
@@ -409,42 +380,6 @@ class ShmStore(SessionStore):
                 raise
         log.info("session restored id=%s", segment.short_hash(conversation_id))
         return ShmSession(seg, conversation_id, self._may_grow)
-
-    def _check_quota(self, conversation_id: str) -> None:
-        if self.max_sessions is None and self.max_shm_bytes is None:
-            return
-        names = segment.list_names(self.namespace)
-        if self.max_sessions is not None and len(names) >= self.max_sessions:
-            raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
-        if self.max_shm_bytes is not None:
-            used = self._count_allocated()
-            record = layout.encode_metadata({"id": conversation_id})
-            # What a new session allocates at once: header, metadata (+64 B of the
-            # caller's), its first ring step, and its semaphore's page.
-            needed = _pages(layout.ring_offset_for(len(record) + 64)
-                            + layout.initial_allocation(self.capacity)) + layout.PAGE
-            if used + needed > self.max_shm_bytes:
-                raise StoreUnavailable(
-                    f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
-                )
-            self._counted_bytes = used + needed  # what growth checks count from next
-
-    def _count_allocated(self) -> int:
-        """The namespace's allocated bytes now (retired segments still mapped included)."""
-        self._counted_bytes = segment.namespace_allocated_bytes(self.namespace)
-        self._counted_at = time.monotonic()
-        return self._counted_bytes
-
-    def _quota_allows(self, extra: int) -> int:
-        """How many of ``extra`` bytes a ring of this store may grow by under
-        max_shm_bytes (all of them, or what is left). Counts at most every
-        QUOTA_RECOUNT_INTERVAL (a stat per segment), adding this process's growth in
-        between: a soft bound, exact to what other processes grew within one interval."""
-        if time.monotonic() - self._counted_at > QUOTA_RECOUNT_INTERVAL:
-            self._count_allocated()
-        allowed = max(0, min(extra, self.max_shm_bytes - self._counted_bytes))
-        self._counted_bytes += allowed
-        return allowed
 
     def _retire(self, name: str, cancel: bool) -> bool:
         """Finalize and unlink whatever lives at ``name``. Registry lock held exclusively.
@@ -653,19 +588,8 @@ class ShmStore(SessionStore):
 
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""
-        removed = 0
         with flocked(self._registry_lock):
-            for name in segment.list_names(self.namespace):
-                segment.unlink(name)
-                removed += 1
-            for name in segment.list_orphan_semaphores(self.namespace):
-                segment.unlink(name)
-                removed += 1
-            for name in segment.list_retired(self.namespace):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(segment.SHM_DIR, name))
-                    removed += 1
-            segment.remove_index(self.namespace)
+            removed = segment.purge(self.namespace)
         for path in (segment.recovery_lock_path(self.namespace), self._registry_lock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
