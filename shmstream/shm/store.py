@@ -488,48 +488,52 @@ class ShmStore(SessionStore):
     def gc(self, now: float | None = None) -> GCReport:
         """One pass: expire, reap dead producers, free dead holders' locks, drop debris.
 
-        Runs under the registry lock (exclusive), so nothing is created meanwhile and an
-        unfinished segment can only be a dead creator's.
+        Each segment is looked at under the registry lock (exclusive), so an unfinished
+        segment can only be a dead creator's. The lock is taken per segment, not per pass:
+        a pass over 10,000 sessions takes seconds, and every get() would wait that long.
         """
         now = time.time() if now is None else now
         cutoff_us = int((now - self.ttl) * 1e6)
         report = GCReport()
+        for name in segment.list_names(self.namespace):
+            with flocked(self._registry_lock):
+                self._gc_one(name, cutoff_us, report)
         with flocked(self._registry_lock):
-            for name in segment.list_names(self.namespace):
-                try:
-                    seg = segment.open_segment(self.namespace, name)
-                except CorruptSegment as exc:
-                    if exc.unfinished:
-                        log.warning("gc: removing unfinished segment %s: %s", name, exc)
-                        segment.retire(self.namespace, name)
-                        report.corrupt_removed += 1
-                    continue
-                if seg is None:
-                    continue
-                if not segment.is_indexed(self.namespace, name):
-                    # Its creator died between creating and indexing it.
-                    segment.add_to_index(self.namespace, name)
-                session = ShmSession(seg, "")
-                remove = False
-                try:
-                    remove = self._collect(session, name, cutoff_us, report)
-                except LockTimeout:
-                    # Nobody can use this session again; its readers time out too.
-                    log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
-                    remove = True
-                    report.corrupt_removed += 1
-                finally:
-                    session.close()
-                if remove:
-                    segment.retire(self.namespace, name)
             for name in segment.list_orphan_semaphores(self.namespace):
                 segment.unlink(name)
                 report.corrupt_removed += 1
             freed = segment.collect_retired(self.namespace)
-            if freed:
-                log.info("gc: freed %d replaced or removed segments no process maps any more",
-                         freed)
+        if freed:
+            log.info("gc: freed %d replaced or removed segments no process maps any more",
+                     freed)
         return report
+
+    def _gc_one(self, name: str, cutoff_us: int, report: GCReport) -> None:
+        try:
+            seg = segment.open_segment(self.namespace, name)
+        except CorruptSegment as exc:
+            if exc.unfinished:
+                log.warning("gc: removing unfinished segment %s: %s", name, exc)
+                segment.retire(self.namespace, name)
+                report.corrupt_removed += 1
+            return
+        if seg is None:
+            return
+        if not segment.is_indexed(self.namespace, name):
+            segment.add_to_index(self.namespace, name)  # its creator died before indexing
+        session = ShmSession(seg, "")
+        remove = False
+        try:
+            remove = self._collect(session, name, cutoff_us, report)
+        except LockTimeout:
+            # Nobody can use this session again; its readers time out too.
+            log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
+            remove = True
+            report.corrupt_removed += 1
+        finally:
+            session.close()
+        if remove:
+            segment.retire(self.namespace, name)
 
     def _collect(self, session: ShmSession, name: str, cutoff_us: int,
                  report: GCReport) -> bool:
