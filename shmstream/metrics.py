@@ -320,6 +320,12 @@ class StoreCollector:
                                 "Sessions whose ring stopped growing because /dev/shm (or "
                                 "the shared-memory quota) was full; they stream on, "
                                 "dropping their oldest bytes.", value=capped)
+        total = self.store.allocated_bytes()
+        if total is not None:
+            yield GaugeMetricFamily("shmstream_store_allocated_bytes",
+                                    "Storage the whole store occupies (shm: every segment "
+                                    "and semaphore of the namespace, replaced ones that "
+                                    "readers still map included).", value=total)
         try:
             stats = os.statvfs(self.shm_dir)
         except OSError:

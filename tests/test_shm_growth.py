@@ -341,6 +341,8 @@ def test_metrics_report_held_and_allocated_bytes(namespace):
     assert values["shmstream_session_allocated_bytes"] == session.info().allocated_bytes
     assert values["shmstream_session_allocated_bytes"] < 22_000 + STEP + PAGE
     assert values["shmstream_sessions_ring_capped"] == 0
+    # The whole namespace: the segment and its semaphore's page.
+    assert values["shmstream_store_allocated_bytes"] == session.info().allocated_bytes + PAGE
     session.close()
 
 

@@ -63,17 +63,13 @@ _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
 
 
 class ShmSession(Session):
-    """A handle on one mapped segment. Not thread-safe: one handle per thread.
-
-    ``may_grow(extra_bytes)`` (from the store) says how many more bytes the quota lets the
-    ring grow by.
-    """
+    """A handle on one mapped segment. Not thread-safe: one handle per thread."""
 
     def __init__(self, seg: segment.Segment, conversation_id: str,
                  may_grow: Callable[[int], int] | None = None):
         self.conversation_id = conversation_id
         self.segment = seg
-        self._may_grow = may_grow
+        self._may_grow = may_grow  # extra bytes -> how many the quota lets the ring grow
         header = seg.header
         self._q = header.q
         self._i = header.i
@@ -589,6 +585,9 @@ class ShmStore(SessionStore):
             finally:
                 session.close()
         return aborted
+
+    def allocated_bytes(self) -> int:
+        return segment.namespace_allocated_bytes(self.namespace)
 
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""

@@ -226,6 +226,11 @@ class SessionStore(abc.ABC):
     def gc(self, now: float | None = None) -> GCReport:
         """Remove sessions finished more than ``ttl`` ago; abort those whose producer died."""
 
+    def allocated_bytes(self) -> int | None:
+        """Storage the whole store occupies now, including what its sessions' entries do
+        not show (shm: replaced segments that readers still map); None if unknown."""
+        return None
+
     def abort_producers(self, pids: Iterable[int] | None = None) -> int:
         """Finalize as ``aborted`` running sessions whose producer process on this host died
         (``pids`` None) or is one of ``pids``. Returns how many. Backends that detect dead
