@@ -239,8 +239,8 @@ def test_readers_in_other_processes_attached_before_and_after_each_growth(namesp
             assert offset + length == total
             complete += 1
         else:
-            assert outcome == "lost" and offset + length > 0
-    assert complete >= 1
+            assert outcome == "lost"  # a clean "offset lost", after an exact prefix
+    assert complete >= 1  # at least the last one, attached after the final append
     late = store.get("grown")  # after the end: exactly the last capacity bytes
     assert held_bytes(late) == bytes(sent[total - capacity :])
     late.close()
