@@ -457,9 +457,10 @@ class ShmStore(SessionStore):
         if not requested:
             return []
         # The index, not a listing of /dev/shm: a few entries per prefix, whatever the
-        # number of sessions.
+        # number of sessions; exact ids by name too (a creator may have died unindexed).
         names = sorted({name for prefix in prefixes
-                        for name in segment.indexed_names(self.namespace, prefix)})
+                        for name in segment.indexed_names(self.namespace, prefix)}
+                       | {segment.segment_name(self.namespace, rid) for rid in requested})
         return [
             info for info in self._infos(names)
             if any(matches_lookup(info.conversation_id, rid) for rid in requested)
