@@ -27,6 +27,9 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# tests/redis_server.py: the throwaway redis-server the tests use
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
 
 from benchkit import (
     CHILD_DEADLINE,
@@ -304,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     import redis
-
-    from shmstream.redis.store import LocalRedisServer
+    from redis_server import LocalRedisServer
 
     CTX.set_forkserver_preload(["shmstream.shm.store", "shmstream.redis.store"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -494,3 +494,53 @@ def test_a_store_pickles_and_forks(redis_stores):
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert b"".join(store.get("in-child").read(0)) == b"child"
+
+
+# --- what the backend assumes of redis-py -------------------------------------------------
+
+
+def test_redis_py_internals_we_rely_on(redis_stores):
+    """Everything shmstream/redis/_redis_internals.py assumes, checked on the installed
+    redis-py: if an upgrade breaks one, this names it (and the hot path would break)."""
+    import inspect
+
+    import redis
+
+    from shmstream.redis import _redis_internals
+
+    store = redis_stores()
+    pool = store._redis.connection_pool
+    assert isinstance(pool.connection_class, type) and isinstance(pool.connection_kwargs, dict)
+    assert isinstance(inspect.getattr_static(redis.Connection, "is_connected"), property), \
+        "redis.Connection.is_connected is no longer a property"
+    for method, keyword in (("send_command", None), ("send_packed_command", "check_health"),
+                            ("read_response", "disconnect_on_error"), ("can_read", "timeout"),
+                            ("pack_commands", None), ("connect", None), ("disconnect", None)):
+        assert callable(getattr(redis.Connection, method, None)), f"Connection.{method} gone"
+        if keyword is not None:
+            assert keyword in inspect.signature(getattr(redis.Connection, method)).parameters, \
+                f"Connection.{method} lost its {keyword!r} parameter"
+
+    conn = _redis_internals.bare_connection(pool, socket_read_size=1 << 20)
+    assert not _redis_internals.is_connected(conn)
+    conn.connect()
+    assert _redis_internals.is_connected(conn)
+    conn.send_command("PING", check_health=False)
+    assert conn.read_response() in (b"PONG", "PONG")
+    conn.disconnect()
+    assert not _redis_internals.is_connected(conn)
+
+    # The pub/sub connection speaks RESP2 whatever the client does: messages are lists.
+    resp3 = redis.Redis.from_url(redis_stores.url, protocol=3)
+    listener = _redis_internals.pubsub_connection(resp3.connection_pool)
+    listener.connect()
+    try:
+        listener.send_command("SUBSCRIBE", b"shmstream-probe", check_health=False)
+        assert listener.read_response(disconnect_on_error=False)[0] == b"subscribe"
+        assert store._redis.publish(b"shmstream-probe", b"hi") == 1
+        assert listener.can_read(timeout=5.0)
+        assert listener.read_response(disconnect_on_error=False) == \
+            [b"message", b"shmstream-probe", b"hi"]
+    finally:
+        listener.disconnect()
+        resp3.close()
