@@ -544,3 +544,207 @@ def test_redis_py_internals_we_rely_on(redis_stores):
     finally:
         listener.disconnect()
         resp3.close()
+
+
+# --- asyncio readers ----------------------------------------------------------------------
+
+
+def test_many_asyncio_readers_share_one_subscription_and_no_threads(redis_stores):
+    """300 coroutines reading one session: one pub/sub subscription for the process, no
+    thread per waiting reader, every reader gets every byte, in a second loop too."""
+    import asyncio
+
+    store = redis_stores(capacity=1 << 20)
+    producer = store.create_or_replace("fan-in")
+    producer.append(b"first\n")
+    readers = [store.get("fan-in") for _ in range(300)]
+    expected = b"first\n" + b"".join(b"event %d\n" % index for index in range(500))
+    baseline_threads = threading.active_count()
+
+    async def read(session):
+        return b"".join([chunk async for chunk in session.aread(0, wake_interval=30.0)])
+
+    def waiting() -> int:
+        watch = readers[0]._notify
+        return 0 if watch is None else sum(map(len, watch._async_waiters.values()))
+
+    async def main():
+        tasks = [asyncio.create_task(read(session)) for session in readers]
+        # Every reader has its bytes and waits for more on a future, not in a thread.
+        assert await _eventually(lambda: waiting() == len(readers), timeout=30), waiting()
+        threads_while_waiting = threading.active_count()
+        channel = readers[0]._notify_channel
+        subscriptions = store._redis.pubsub_numsub(channel)[0][1]
+        producer_thread = threading.Thread(target=produce)
+        producer_thread.start()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        producer_thread.join(10)
+        return threads_while_waiting, subscriptions, results
+
+    def produce():
+        for index in range(500):
+            producer.append(b"event %d\n" % index)
+        producer.finalize()
+
+    threads_while_waiting, subscriptions, results = asyncio.run(main())
+    assert subscriptions == 1
+    # The loop's default executor may hold a few threads for round trips; never one each.
+    assert threads_while_waiting - baseline_threads <= 40, threads_while_waiting
+    assert all(result == expected for result in results)
+    assert waiting() == 0
+    for session in (producer, *readers):
+        session.close()
+
+
+def test_a_cancelled_asyncio_reader_leaves_no_waiter_behind(redis_stores):
+    import asyncio
+
+    store = redis_stores()
+    producer = store.create_or_replace("leaving")
+    reader = store.get("leaving")
+
+    async def main():
+        task = asyncio.create_task(_consume(reader))
+        assert await _eventually(lambda: reader._notify is not None
+                                 and reader._notify._async_waiters)
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert reader._notify._async_waiters == {}
+    reader.close()
+    assert producer.append(b"still fine")
+    producer.close()
+
+
+async def _consume(session):
+    async for _chunk in session.aread(0, wake_interval=30.0):
+        pass
+
+
+async def _eventually(predicate, timeout: float = 10.0) -> bool:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+# --- Redis unavailable ----------------------------------------------------------------------
+
+
+def _every_store_call(store, session=None):
+    """One call of each kind a worker or the supervisor makes, by name."""
+    calls = {
+        "create_or_replace": lambda: store.create_or_replace("down"),
+        "get": lambda: store.get("down"),
+        "list": store.list,
+        "lookup": lambda: store.lookup(["down"]),
+        "evict": lambda: store.evict("down"),
+        "evict_and_cancel": lambda: store.evict_and_cancel("down"),
+        "gc": store.gc,
+        "abort_producers": store.abort_producers,
+        "purge": store.purge,
+    }
+    if session is not None:
+        calls.update({
+            "append": lambda: session.append(b"lost"),
+            "info": session.info,
+            "read": lambda: next(iter(session.read(0))),
+            "finalize": session.finalize,
+        })
+    return calls
+
+
+def test_nothing_listening_makes_every_call_raise_store_unavailable(namespace, caplog):
+    from shmstream.store.errors import StoreUnavailable
+
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", namespace=namespace)
+    try:
+        for name, call in _every_store_call(store).items():
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as raised:
+                call()
+            assert time.monotonic() - started < 3.0, f"{name} took too long to fail"
+            assert raised.value.status == 503 and raised.value.error_type == "unavailable_error"
+            assert "127.0.0.1:1" in raised.value.message
+    finally:
+        store.close()
+    down_lines = [r for r in caplog.records
+                  if r.name == "shmstream.redis" and "unavailable" in r.getMessage()]
+    assert len(down_lines) == 1, [r.getMessage() for r in down_lines]  # once, not per call
+
+
+def test_a_redis_that_goes_away_and_comes_back(namespace, caplog):
+    """Killed: every call raises StoreUnavailable, a waiting reader ends with it, one log
+    line says so. Restarted (empty, on the same port): the same store objects work again,
+    appends wake readers through pub/sub again, one log line says it is back."""
+    import logging
+
+    from redis_server import LocalRedisServer
+
+    from shmstream.store.errors import StoreUnavailable
+
+    if not LocalRedisServer.available():
+        pytest.skip("redis-server is not installed")
+    caplog.set_level(logging.INFO, logger="shmstream.redis")
+    server = LocalRedisServer()
+    url = server.start()
+    store = RedisStore.from_url(url, namespace=namespace, lease=60)
+    try:
+        producer = store.create_or_replace("outage")
+        producer.append(b"before ")
+        waiting = Reader(store.get("outage"), offset=len(b"before "))
+        waiting.start()
+        assert wait_until(lambda: waiting.session._notify is not None
+                          and waiting.session._notify.confirmed)
+
+        server.kill()
+        waiting.join(15)
+        assert not waiting.is_alive(), "a waiting reader hung on a dead Redis"
+        assert isinstance(waiting.error, StoreUnavailable)
+        for name, call in _every_store_call(store, producer).items():
+            with pytest.raises(StoreUnavailable):
+                call()
+            assert name  # every call, reads and writes alike
+        logged = [r.getMessage() for r in caplog.records if r.name == "shmstream.redis"]
+        assert sum("is unavailable" in line for line in logged) == 1, logged
+        # The producer's cheap check never raises (the relay's watcher calls it every
+        # 50 ms): nothing proves a cancel, and its next append raises StoreUnavailable.
+        checked_at = time.monotonic()
+        assert [producer.producer_should_stop for _ in range(100)] == [False] * 100
+        assert time.monotonic() - checked_at < 2.0
+
+        server.restart()
+        assert wait_until(lambda: _answers(store), timeout=15)
+        assert store.get("outage") is None  # the restarted Redis is empty: a 404, no 500
+        fresh = store.create_or_replace("after")
+        reader = Reader(store.get("after"))
+        reader.start()
+        assert fresh.append(b"back")
+        assert wait_until(lambda: bytes(reader.data) == b"back", timeout=10)
+        fresh.finalize()
+        reader.join(10)
+        assert not reader.is_alive() and reader.error is None
+        logged = [r.getMessage() for r in caplog.records if r.name == "shmstream.redis"]
+        assert sum("reachable again" in line for line in logged) == 1, logged
+        for session in (producer, fresh, waiting.session, reader.session):
+            session.close()
+        store.purge()
+    finally:
+        store.close()
+        server.stop()
+
+
+def _answers(store) -> bool:
+    from shmstream.store.errors import StoreUnavailable
+
+    try:
+        store.list()
+    except StoreUnavailable:
+        return False
+    return True

@@ -261,7 +261,7 @@ class Notifier:
                 if self._stopping:
                     break
                 if not lost:
-                    log.warning("redis pub/sub connection lost (%s); reconnecting", exc)
+                    log.warning("redis pub/sub connection down (%s); reconnecting", exc)
                 lost = True
             except Exception:  # keep waking readers whatever happens; they fall back to polls
                 log.exception("redis pub/sub listener failed; reconnecting")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from shmstream.redis.connections import store_call
 from shmstream.redis.notifier import Watch
 from shmstream.store import ring
-from shmstream.store.errors import OffsetLost, SessionNotFound
+from shmstream.store.errors import OffsetLost, SessionNotFound, StoreUnavailable
 from shmstream.store.interface import WAKE_INTERVAL, Session, SessionInfo
 from shmstream.store.states import State
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shmstream.redis")
 
 RECHECK_INTERVAL = 1.0  # an idle reader looks at Redis at least this often (lease expiry)
+UNREACHABLE_RECHECK = 1.0  # seconds producer_should_stop waits after Redis failed it
 PUBLISH_BYTES = 64 * 1024  # appends up to this size travel in their notification
 RUNNING = b"0"  # State.RUNNING as stored
 
@@ -63,6 +64,7 @@ class RedisSession(Session):
         self._seen_seq = -1  # the notify seq when Redis last said "nothing new"
         self._seen_at = 0.0
         self._closed = False
+        self._unreachable_until = 0.0  # producer_should_stop: Redis failed, ask after this
 
     def __repr__(self) -> str:
         return f"RedisSession(generation={self.generation!r})"
@@ -100,8 +102,10 @@ class RedisSession(Session):
         return bool(ended)
 
     @property
-    @store_call
     def producer_should_stop(self) -> bool:
+        """Also while Redis cannot be reached this never raises: it says False (nothing
+        proves a cancel) and asks again after ``UNREACHABLE_RECHECK``; the producer's next
+        append raises StoreUnavailable."""
         if self._stopped:
             return True
         control = self._control
@@ -114,12 +118,22 @@ class RedisSession(Session):
         # Not subscribed yet, or subscribed again after a reconnect: what happened before
         # the subscription took effect is only in Redis. One round trip, then the flag does.
         epoch = control.confirmations if control.confirmed else -1
-        fields = self.store._redis.hmget(self._meta, "state", "cancel")
+        if time.monotonic() < self._unreachable_until:
+            return False
+        try:
+            fields = self._stop_fields()
+        except StoreUnavailable:
+            self._unreachable_until = time.monotonic() + UNREACHABLE_RECHECK
+            return False
         if fields[0] != RUNNING or fields[1] == b"1":
             control.stopped = True
             return True
         self._verified = epoch
         return False
+
+    @store_call
+    def _stop_fields(self) -> list:
+        return self.store._redis.hmget(self._meta, "state", "cancel")
 
     # --- reading --------------------------------------------------------------------------
     @store_call
