@@ -748,3 +748,33 @@ def _answers(store) -> bool:
     except StoreUnavailable:
         return False
     return True
+
+
+# --- memory in proportion to the bytes held -------------------------------------------------
+
+
+@pytest.mark.parametrize("answer_bytes", [22_000, 64 * 1024, 200_000])
+def test_redis_memory_follows_the_bytes_held(redis_stores, answer_bytes):
+    """allocated_bytes is the MEMORY USAGE of the session's keys; a session holding B bytes
+    costs at most B + B/4 + 4 KiB (the allocator rounds up by up to a quarter), whether it
+    stopped short of its 64 KiB capacity or filled and wrapped it. Without compaction
+    SETRANGE's greedy growth left up to 2.5x."""
+    capacity = 64 * 1024
+    store = redis_stores(capacity=capacity)
+    session = store.create_or_replace(f"mem-{answer_bytes}")
+    sent = bytearray()
+    while len(sent) < answer_bytes:
+        event = b"data: %d %s\n\n" % (len(sent), b"t" * 180)
+        sent += event
+        session.append(event)
+    session.finalize()
+    held = min(len(sent), capacity)
+    info = session.info()
+    assert info.total_bytes - info.dropped_bytes == held
+    assert held <= info.allocated_bytes <= held + held // 4 + 4096, info.allocated_bytes
+    assert [i.allocated_bytes for i in store.lookup([f"mem-{answer_bytes}"])] == \
+        [info.allocated_bytes]
+    reader = store.get(f"mem-{answer_bytes}")
+    assert b"".join(reader.read(len(sent) - held)) == bytes(sent[-held:])  # intact
+    for handle in (session, reader):
+        handle.close()
