@@ -550,49 +550,62 @@ def test_redis_py_internals_we_rely_on(redis_stores):
 
 
 def test_many_asyncio_readers_share_one_subscription_and_no_threads(redis_stores):
-    """300 coroutines reading one session: one pub/sub subscription for the process, no
-    thread per waiting reader, every reader gets every byte, in a second loop too."""
+    """300 coroutines on one loop and 50 on another, reading one session: one pub/sub
+    subscription for the process, no thread per waiting reader, every byte to each."""
     import asyncio
 
     store = redis_stores(capacity=1 << 20)
     producer = store.create_or_replace("fan-in")
     producer.append(b"first\n")
     readers = [store.get("fan-in") for _ in range(300)]
+    others = [store.get("fan-in") for _ in range(50)]
     expected = b"first\n" + b"".join(b"event %d\n" % index for index in range(500))
     baseline_threads = threading.active_count()
 
     async def read(session):
         return b"".join([chunk async for chunk in session.aread(0, wake_interval=30.0)])
 
+    async def read_all(sessions):
+        return await asyncio.wait_for(asyncio.gather(*map(read, sessions)), 60)
+
     def waiting() -> int:
         watch = readers[0]._notify
         return 0 if watch is None else sum(map(len, watch._async_waiters.values()))
 
-    async def main():
-        tasks = [asyncio.create_task(read(session)) for session in readers]
-        # Every reader has its bytes and waits for more on a future, not in a thread.
-        assert await _eventually(lambda: waiting() == len(readers), timeout=30), waiting()
-        threads_while_waiting = threading.active_count()
-        channel = readers[0]._notify_channel
-        subscriptions = store._redis.pubsub_numsub(channel)[0][1]
-        producer_thread = threading.Thread(target=produce)
-        producer_thread.start()
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
-        producer_thread.join(10)
-        return threads_while_waiting, subscriptions, results
+    other_results = []
+    other_loop = threading.Thread(
+        target=lambda: other_results.extend(asyncio.run(read_all(others))))
 
     def produce():
         for index in range(500):
             producer.append(b"event %d\n" % index)
         producer.finalize()
 
+    async def main():
+        tasks = asyncio.ensure_future(read_all(readers))
+        other_loop.start()
+        # Every reader has its bytes and waits for more on a future, not in a thread.
+        assert await _eventually(lambda: waiting() == len(readers) + len(others),
+                                 timeout=30), waiting()
+        assert len(readers[0]._notify._async_waiters) == 2  # one entry per event loop
+        threads_while_waiting = threading.active_count()
+        channel = readers[0]._notify_channel
+        subscriptions = store._redis.pubsub_numsub(channel)[0][1]
+        producer_thread = threading.Thread(target=produce)
+        producer_thread.start()
+        results = await tasks
+        producer_thread.join(10)
+        return threads_while_waiting, subscriptions, results
+
     threads_while_waiting, subscriptions, results = asyncio.run(main())
+    other_loop.join(60)
     assert subscriptions == 1
-    # The loop's default executor may hold a few threads for round trips; never one each.
-    assert threads_while_waiting - baseline_threads <= 40, threads_while_waiting
-    assert all(result == expected for result in results)
+    # The loops' default executors may hold a few threads for round trips; never one each.
+    assert threads_while_waiting - baseline_threads <= 80, threads_while_waiting
+    assert results == [expected] * len(readers)
+    assert other_results == [expected] * len(others)
     assert waiting() == 0
-    for session in (producer, *readers):
+    for session in (producer, *readers, *others):
         session.close()
 
 
