@@ -791,3 +791,51 @@ def test_redis_memory_follows_the_bytes_held(redis_stores, answer_bytes):
     assert b"".join(reader.read(len(sent) - held)) == bytes(sent[-held:])  # intact
     for handle in (session, reader):
         handle.close()
+
+
+def test_redis_errors_that_mean_unavailable():
+    import redis
+
+    from shmstream.redis.connections import is_unavailable
+
+    assert is_unavailable(redis.ConnectionError("Connection refused"))
+    assert is_unavailable(redis.TimeoutError("Timeout reading"))
+    assert is_unavailable(redis.exceptions.OutOfMemoryError("command not allowed when ..."))
+    assert is_unavailable(redis.exceptions.ReadOnlyError("You can't write against a replica"))
+    assert is_unavailable(redis.ResponseError("MISCONF Redis is configured to save RDB ..."))
+    assert is_unavailable(redis.ResponseError("MASTERDOWN Link with MASTER is down"))
+    assert not is_unavailable(redis.ResponseError("ERR wrong number of arguments"))
+    assert not is_unavailable(redis.exceptions.NoScriptError("No matching script"))
+
+
+def test_a_full_redis_answers_store_unavailable(namespace):
+    """At maxmemory (noeviction) a new session or an append is refused with StoreUnavailable
+    (503, as a full /dev/shm), never a raw redis error; what was written stays readable."""
+    from redis_server import LocalRedisServer
+
+    from shmstream.store.errors import StoreUnavailable
+
+    if not LocalRedisServer.available():
+        pytest.skip("redis-server is not installed")
+    with LocalRedisServer() as url:
+        store = RedisStore.from_url(url, namespace=namespace, capacity=1 << 20)
+        try:
+            client = store._redis
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", client.info("memory")["used_memory"] + 2_000_000)
+            written = 0
+            session = None
+            with pytest.raises(StoreUnavailable) as raised:
+                for index in range(100):  # 100 x 1 MiB: far past the limit
+                    session, written = store.create_or_replace(f"full-{index}"), 0
+                    for _ in range(8):
+                        session.append(b"x" * 128 * 1024)
+                        written += 128 * 1024
+            assert "maxmemory" in raised.value.message and raised.value.status == 503
+            if session is not None:  # the refused append left nothing half-written
+                assert session.info().total_bytes == written
+            client.config_set("maxmemory", 0)  # room again: the store just works
+            assert store.create_or_replace("after-full").append(b"ok")
+            store.purge()
+        finally:
+            store.close()

@@ -36,7 +36,14 @@ CONNECT_TIMEOUT = 2.0  # seconds; a host that drops packets fails instead of han
 SOCKET_TIMEOUT = 10.0  # seconds for any reply (a 4 MiB replay takes a few ms)
 RETRIES = 2
 
-# Replies that mean "Redis cannot serve this now", not "this request is wrong".
+# Replies that mean "Redis cannot serve this now", not "this request is wrong": redis-py
+# maps some to classes (OOM: maxmemory reached, READONLY: a replica after a failover), the
+# others arrive as a ResponseError starting with their code.
+_UNAVAILABLE_CLASSES = tuple(
+    cls for cls in (getattr(redis.exceptions, name, None)
+                    for name in ("OutOfMemoryError", "ReadOnlyError", "TryAgainError"))
+    if cls is not None
+)
 _UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "MASTERDOWN", "LOADING", "CLUSTERDOWN",
                         "NOREPLICAS", "TRYAGAIN")
 
@@ -60,7 +67,7 @@ def client_for_url(url: str) -> redis.Redis:
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says Redis cannot be reached or cannot serve now."""
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, *_UNAVAILABLE_CLASSES)):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
