@@ -320,8 +320,8 @@ def test_an_idle_reader_does_not_poll_redis(redis_stores):
     producer = store.create_or_replace("idle")
     reader_handle = store.get("idle")
     fetches = []
-    transaction = store._hot.transaction
-    store._hot.transaction = lambda commands: fetches.append(1) or transaction(commands)
+    pipeline = store._hot.pipeline
+    store._hot.pipeline = lambda commands: fetches.append(1) or pipeline(commands)
     reader = Reader(reader_handle)
     reader.start()
     time.sleep(2.0)  # ten 200 ms wake-ups
@@ -340,8 +340,8 @@ def test_published_bytes_serve_caught_up_readers_with_the_same_semantics(redis_s
     producer = store.create_or_replace("cached")
     reader = store.get("cached")
     fetches = []
-    transaction = store._hot.transaction
-    store._hot.transaction = lambda commands: fetches.append(1) or transaction(commands)
+    pipeline = store._hot.pipeline
+    store._hot.pipeline = lambda commands: fetches.append(1) or pipeline(commands)
     producer.append(b"a" * 100)
     assert reader._poll(0, None) == (b"a" * 100, False)
     assert reader._poll(100, None) == (b"", False)  # waits: subscribes
@@ -809,8 +809,9 @@ def test_redis_errors_that_mean_unavailable():
 
 
 def test_a_full_redis_answers_store_unavailable(namespace):
-    """At maxmemory (noeviction) a new session or an append is refused with StoreUnavailable
-    (503, as a full /dev/shm), never a raw redis error; what was written stays readable."""
+    """At maxmemory (noeviction) a new session, a replacement or an append is refused with
+    StoreUnavailable (503, as a full /dev/shm), never a raw redis error, and leaves nothing
+    half-written; finishing and cancelling (which free memory) still work, so readers end."""
     from redis_server import LocalRedisServer
 
     from shmstream.store.errors import StoreUnavailable
@@ -820,6 +821,11 @@ def test_a_full_redis_answers_store_unavailable(namespace):
     with LocalRedisServer() as url:
         store = RedisStore.from_url(url, namespace=namespace, capacity=1 << 20)
         try:
+            stopped = store.create_or_replace("stopped-when-full")
+            stopped.append(b"kept ")
+            reader = Reader(store.get("stopped-when-full"))
+            reader.start()
+            assert wait_until(lambda: bytes(reader.data) == b"kept ")
             client = store._redis
             client.config_set("maxmemory-policy", "noeviction")
             client.config_set("maxmemory", client.info("memory")["used_memory"] + 2_000_000)
@@ -834,6 +840,19 @@ def test_a_full_redis_answers_store_unavailable(namespace):
             assert "maxmemory" in raised.value.message and raised.value.status == 503
             if session is not None:  # the refused append left nothing half-written
                 assert session.info().total_bytes == written
+            before = len(store.list())
+            with pytest.raises(StoreUnavailable):
+                store.create_or_replace("stopped-when-full")  # a replacement is refused too
+            assert stopped.info().state is State.RUNNING and len(store.list()) == before
+            with pytest.raises(StoreUnavailable):
+                stopped.append(b"lost")
+            assert store.evict_and_cancel("stopped-when-full") is True  # the user's Stop
+            reader.join(10)
+            assert not reader.is_alive() and reader.error is None
+            assert bytes(reader.data) == b"kept "
+            assert stopped.producer_should_stop
+            if session is not None:
+                assert session.finalize() is True
             client.config_set("maxmemory", 0)  # room again: the store just works
             assert store.create_or_replace("after-full").append(b"ok")
             store.purge()

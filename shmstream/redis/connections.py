@@ -175,17 +175,17 @@ class HotPath:
                 if not idempotent or failures > 1:
                     raise
 
-    def transaction(self, commands: list[tuple]) -> list:
-        """Run ``commands`` in one MULTI/EXEC round trip (read-only: retried once)."""
+    def pipeline(self, commands: list[tuple]) -> list:
+        """Run ``commands`` in one round trip, in order; their replies (read-only: retried
+        once). Not MULTI/EXEC: at maxmemory Redis 7 refuses to queue any command in a
+        transaction, reads included."""
         conn = self._connection()
-        packed = conn.pack_commands([("MULTI",), *commands, ("EXEC",)])
+        packed = conn.pack_commands(commands)
         failures = 0
         while True:
             try:
                 conn.send_packed_command(packed, check_health=False)
-                for _ in range(len(commands) + 1):
-                    conn.read_response()  # +OK, then +QUEUED each
-                return conn.read_response()
+                return [conn.read_response() for _ in commands]
             except (redis.ConnectionError, redis.TimeoutError):
                 conn.disconnect()
                 failures += 1

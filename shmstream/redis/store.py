@@ -30,17 +30,21 @@ lives in one Cluster slot and the multi-key Lua scripts stay legal)::
   needs a copy of the whole held buffer whenever it trims (Redis cannot cut the front of a
   string), and the string index of a byte changes at every trim, so a reader could not
   compute where to read without first reading the header. With the ring a byte never moves:
-  a reader asks for the positions of ``[offset, end)`` and, in the same atomic call, for
-  ``total``; the bytes are intact iff ``offset >= dropped_for(total_after, capacity)``
-  (Aeron's check after copy). ``dropped`` is derived (``ring.dropped_for``), never stored.
+  a reader asks for the positions of ``[offset, end)`` and, in the same round trip after
+  them, for ``total``; the bytes are intact iff ``offset >= dropped_for(total_after,
+  capacity)`` (Aeron's check after copy). ``dropped`` is derived (``ring.dropped_for``),
+  never stored.
 - **Memory in proportion to the bytes held.** The string only grows as far as bytes were
   written, never past ``capacity``; SETRANGE grows it greedily (up to twice its length below
   1 MiB, +1 MiB above), so finishing a session whose ring never wrapped copies it once into
   a string of its exact size. ``SessionInfo.allocated_bytes`` is the ``MEMORY USAGE`` of the
   session's keys.
-- **Atomic steps are Lua scripts** (:mod:`shmstream.redis.scripts`). A read is a MULTI/EXEC
-  of the header and the ``GETRANGE`` spans Python computed: no protocol logic in Lua on the
-  read side.
+- **Atomic steps are Lua scripts** (:mod:`shmstream.redis.scripts`). A read is one round
+  trip of the ``GETRANGE`` spans Python computed, then the header (the check after copy):
+  no protocol logic in Lua on the read side, and no MULTI (refused at maxmemory).
+- **Redis full** (maxmemory, noeviction): new sessions and appends are refused whole
+  (StoreUnavailable); finishing, cancelling, evicting, lease renewals and reads still work,
+  each script's first write being one that cannot grow memory.
 - **Lookup** reads the per-base index of each requested id (base = id up to its first ``::``),
   never the keyspace. The index cannot expire field by field, so stale fields (their session
   expired) are skipped, and removed by ``get`` and ``gc``.

@@ -10,6 +10,10 @@ local function finish(gen, state, now_us, ttl_ms, deadline)
   local meta = prefix .. 's:' .. gen
   local fields = redis.call('HMGET', meta, 'state', 'member', 'pset', 'cap')
   if fields[1] ~= '0' then return 0 end
+  -- First a write that cannot grow memory: at maxmemory Redis refuses a script's growing
+  -- commands only until it has written something, so ending a session still works when
+  -- Redis is full (appends and new sessions are refused: they start with a growing write).
+  redis.call('DEL', prefix .. 'l:' .. gen)
   redis.call('HSET', meta, 'state', state, 'completed', now_us)
   -- SETRANGE grew the ring greedily (up to twice its length). One that never wrapped stops
   -- growing now: copy it into a string of its exact size (a wrapped one is at capacity).
@@ -19,7 +23,6 @@ local function finish(gen, state, now_us, ttl_ms, deadline)
     redis.call('SET', ring, redis.call('GET', ring))
   end
   if fields[3] then redis.call('SREM', fields[3], gen) end
-  redis.call('DEL', prefix .. 'l:' .. gen)
   redis.call('ZADD', all, 'XX', deadline, fields[2])
   redis.call('PEXPIRE', meta, ttl_ms)
   redis.call('PEXPIRE', ring, ttl_ms)
@@ -44,9 +47,9 @@ local function retire(gen, state, cancel, now_us, ttl_ms, deadline, grace_ms)
   local meta = prefix .. 's:' .. gen
   local member = redis.call('HGET', meta, 'member')
   if not member then return 0 end
+  redis.call('ZREM', all, member)  -- first: a write that cannot grow memory (see finish)
   if cancel == '1' then flag_cancel(gen) end
   finish(gen, state, now_us, ttl_ms, deadline)
-  redis.call('ZREM', all, member)
   for _, key in ipairs({meta, prefix .. 'd:' .. gen}) do
     local left = redis.call('PTTL', key)
     if left == -1 or left > tonumber(grace_ms) then redis.call('PEXPIRE', key, grace_ms) end

@@ -3,5 +3,7 @@
 -- Returns {ended by this call, session exists}.
 local gen = ARGV[2]
 local exists = redis.call('EXISTS', prefix .. 's:' .. gen)
+-- finish first: it starts with a write that cannot grow memory (a cancel works at maxmemory)
+local ended = finish(gen, ARGV[3], ARGV[5], ARGV[6], ARGV[7])
 if ARGV[4] == '1' then flag_cancel(gen) end
-return {finish(gen, ARGV[3], ARGV[5], ARGV[6], ARGV[7]), exists}
+return {ended, exists}
