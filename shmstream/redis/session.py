@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -64,6 +65,7 @@ class RedisSession(Session):
         self._seen_seq = -1  # the notify seq when Redis last said "nothing new"
         self._seen_at = 0.0
         self._closed = False
+        self._close_lock = threading.Lock()
         self._unreachable_until = 0.0  # producer_should_stop: Redis failed, ask after this
 
     def __repr__(self) -> str:
@@ -238,10 +240,13 @@ class RedisSession(Session):
         if watch is None:
             notifier = self.store._notifier()
             watch = notifier.acquire(self._notify_channel)
-            if self._closed:  # closed meanwhile (an async reader's task was cancelled)
+            with self._close_lock:  # close() may run meanwhile: an async reader's task
+                closed = self._closed  # was cancelled while this ran in the executor
+                if not closed:
+                    self._notify = watch
+            if closed:
                 notifier.release(watch)
                 return b"", True
-            self._notify = watch
             self._ticket = watch.seq  # its confirmation will bump seq: we re-poll then
         self._seen_seq = self._ticket
         self._seen_at = time.monotonic()
@@ -281,15 +286,16 @@ class RedisSession(Session):
             await watch.wait_async(self._ticket, timeout)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for attribute in ("_notify", "_control"):
-            watch = getattr(self, attribute)
-            if watch is not None:
-                setattr(self, attribute, None)
-                notifier = self.store._current_notifier()
-                if notifier is not None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            watches = [self._notify, self._control]
+            self._notify = self._control = None
+        notifier = self.store._current_notifier()
+        if notifier is not None:
+            for watch in watches:
+                if watch is not None:
                     notifier.release(watch)
 
     def __del__(self):
