@@ -35,6 +35,7 @@ accesslog = os.environ.get("SHMSTREAM_ACCESS_LOG") or None
 # Ids are capabilities: the access log shows a hash where a request line has one.
 logger_class = "shmstream.serve.accesslog.RedactingLogger"
 
+on_starting = gunicorn_hooks.on_starting
 when_ready = gunicorn_hooks.when_ready
 child_exit = gunicorn_hooks.child_exit
 on_exit = gunicorn_hooks.on_exit
