@@ -131,9 +131,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(args)
     if args.command == "supervise":
+        from shmstream.config import SettingError
         from shmstream.serve.supervisor import supervise
 
-        return supervise(args)
+        try:
+            return supervise(args)
+        except SettingError as exc:
+            print(f"shmstream supervise: {exc}", file=sys.stderr)
+            return 2
     if args.command in _TOOL_COMMANDS:
         from shmstream.cli.tools import run
 
