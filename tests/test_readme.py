@@ -76,3 +76,23 @@ def test_the_trying_it_block_works_when_pasted_into_a_fresh_clone(tmp_path, name
     names = {line.split("==")[0].lower() for line in installed.splitlines()}
     assert "pytest" not in names and "playwright" not in names, names
     assert len(names) <= SERVE_PACKAGES + 3, names  # + pip, setuptools, shmstream itself
+
+
+def test_a_built_wheel_has_every_subpackage_the_page_and_its_licenses(tmp_path):
+    # docs/deploy.md installs a non-editable copy into /opt/shmstream/.venv: the wheel must
+    # carry every subpackage and the chat page's files (it once carried only the top one).
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                    "--disable-pip-version-check", "-w", str(tmp_path), ROOT],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("shmstream-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in ("cli", "serve", "http", "relay", "store", "shm", "redis"):
+        assert f"shmstream/{package}/__init__.py" in names, package
+    for name in ("index.html", "chat.js", "chat.css", "vendor/marked.umd.js",
+                 "vendor/purify.min.js", "vendor/marked.LICENSE.md", "vendor/dompurify.LICENSE"):
+        assert f"shmstream/http/static/{name}" in names, name
+    assert "shmstream/__main__.py" in names
+    assert any(name.endswith("entry_points.txt") for name in names)
