@@ -10,12 +10,14 @@ sleeps between tokens, and an :class:`~shmstream.relay.upstream.Abort` wakes it 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
+from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest, AsyncUpstreamResponse
 from shmstream.relay.upstream import (
     Upstream,
     UpstreamError,
@@ -168,6 +170,19 @@ class DemoUpstream(Upstream):
 
     def _complete(self, request: UpstreamRequest, format_class) -> UpstreamResponse:
         raw = request.body if isinstance(request.body, bytes) else b"".join(request.body or [])
+        plan = self._plan(raw, format_class)
+        if isinstance(plan, _DemoResponse):
+            return plan
+        fmt, words, body = plan
+        pacer = _Pacer(self.tokens_per_second, request)
+        if body.get("stream") is True:
+            return _DemoResponse(200, SSE, self._stream(fmt, words, pacer))
+        pacer.wait_for(len(words))
+        return _json_response(200, fmt.whole("".join(words), len(words)))
+
+    def _plan(self, raw: bytes, format_class):
+        """A completion's format, words and parsed body; or the error response for a body
+        that is not a JSON object."""
         try:
             body = json.loads(raw or b"{}")
         except ValueError as exc:
@@ -177,11 +192,7 @@ class DemoUpstream(Upstream):
         words = demo_words(_prompt_of(body), _max_tokens(body))
         seed = hashlib.sha256(raw).hexdigest()[:16]
         fmt = format_class(self.model if "model" not in body else str(body["model"]), seed)
-        pacer = _Pacer(self.tokens_per_second, request)
-        if body.get("stream") is True:
-            return _DemoResponse(200, SSE, self._stream(fmt, words, pacer))
-        pacer.wait_for(len(words))
-        return _json_response(200, fmt.whole("".join(words), len(words)))
+        return fmt, words, body
 
     @staticmethod
     def _stream(fmt, words: list[str], pacer: _Pacer) -> Iterator[bytes]:
@@ -322,3 +333,66 @@ class _MessagesFormat(_Format):
                 "model": self.model, "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn",
                 "usage": {"input_tokens": 0, "output_tokens": count}}
+
+
+# --- the same demo for the relay's event loop ---------------------------------------------
+
+
+class _AsyncDemoResponse(AsyncUpstreamResponse):
+    def __init__(self, status: int, content_type: str, chunks: AsyncIterator[bytes]):
+        self.status = status
+        self.reason = "OK" if status == 200 else "Error"
+        self.headers = [("Content-Type", content_type)]
+        self._chunks = chunks
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
+async def _replay(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+class AsyncDemoUpstream(AsyncUpstream):
+    """:class:`DemoUpstream` for an event loop: the same answers, paced with
+    ``asyncio.sleep`` (a cancelled task stops the stream at once)."""
+
+    def __init__(self, tokens_per_second: float = 20.0, model: str = DEMO_MODEL):
+        self._sync = DemoUpstream(tokens_per_second, model)
+        self.description = self._sync.description
+
+    async def open(self, request: AsyncUpstreamRequest) -> AsyncUpstreamResponse:
+        path = request.target.split("?", 1)[0]
+        format_class = self._sync._formats().get(path)
+        if format_class is None or request.method.upper() != "POST":
+            # No pacing outside completions: the sync demo answers at once.
+            answer = self._sync.open(UpstreamRequest(request.method, request.target,
+                                                     body=request.body))
+            return _AsyncDemoResponse(answer.status, answer.header("Content-Type") or JSON,
+                                      _replay(answer.iter_bytes()))
+        plan = self._sync._plan(request.body, format_class)
+        if isinstance(plan, _DemoResponse):
+            return _AsyncDemoResponse(plan.status, JSON, _replay(plan.iter_bytes()))
+        fmt, words, body = plan
+        interval = (1.0 / self._sync.tokens_per_second
+                    if self._sync.tokens_per_second > 0 else 0.0)
+        if body.get("stream") is True:
+            return _AsyncDemoResponse(200, SSE, self._stream(fmt, words, interval))
+        await asyncio.sleep(interval * len(words))
+        whole = json.dumps(fmt.whole("".join(words), len(words))).encode()
+        return _AsyncDemoResponse(200, JSON, _replay(iter([whole])))
+
+    @staticmethod
+    async def _stream(fmt, words: list[str], interval: float) -> AsyncIterator[bytes]:
+        start = time.monotonic()
+        yield fmt.head()
+        for index, word in enumerate(words):
+            delay = start + (index + 1) * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield fmt.delta(word, index)
+        yield fmt.tail(len(words))
