@@ -158,6 +158,8 @@ class AsgiClient:
     def open(self, method: str, raw_uri: str, headers: dict | list | None = None,
              body: bytes = b"", json=None, content_length: bool = True, **scope) -> Call:
         headers = dict(headers or {}) if not isinstance(headers, list) else list(headers)
+        if isinstance(body, str):
+            body = body.encode()
         if json is not None:
             body = jsonlib.dumps(json).encode()
             if isinstance(headers, dict):
@@ -187,6 +189,12 @@ class AsgiClient:
     def simulate_delete(self, path: str, query_string: str = "", **kwargs) -> Result:
         return self.simulate_request("DELETE", path, query_string, **kwargs)
 
+    def simulate_options(self, path: str, query_string: str = "", **kwargs) -> Result:
+        return self.simulate_request("OPTIONS", path, query_string, **kwargs)
+
+    def simulate_head(self, path: str, query_string: str = "", **kwargs) -> Result:
+        return self.simulate_request("HEAD", path, query_string, **kwargs)
+
     def simulate_request(self, method: str, path: str, query_string: str = "", *,
                          headers=None, body: bytes = b"", json=None,
                          remote_addr: str | None = None, **scope) -> Result:
@@ -202,3 +210,32 @@ class AsgiClient:
             call.finished.wait(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+
+class InProcessService:
+    """shmstream's app on ``store`` with a real :class:`LocalRelay` (its own upstream client,
+    as a relay process has) and an :class:`AsgiClient` (``.client``)."""
+
+    def __init__(self, store, settings, upstream, relay_upstream=None):
+        from shmstream.http.app import create_app
+        from shmstream.relay.client import HttpAsyncUpstream
+        from shmstream.relay.local import LocalRelay
+
+        if relay_upstream is None:
+            relay_upstream = (HttpAsyncUpstream(upstream.base_url)
+                              if isinstance(upstream, HttpAsyncUpstream) else upstream)
+        self.store = store
+        self.settings = settings
+        self.upstream = upstream
+        self.relay = LocalRelay(store, relay_upstream, settings.ping_interval).start()
+        self.app = create_app(store, settings, upstream, self.relay.client())
+        self.client = AsgiClient(self.app)
+
+    def close(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(Exception):  # the app's pooled client lives on its loop
+            asyncio.run_coroutine_threadsafe(self.upstream.aclose(),
+                                             self.client.loop).result(5)
+        self.client.close()
+        self.relay.stop()

@@ -430,8 +430,8 @@ def test_upstream_error_reaches_the_caller_unchanged_and_the_session(harness):
     assert result.json == error and result.headers["content-type"] == "application/json"
     replay = harness.client.simulate_get("/v1/stream/err")
     # pings may come first (the session pings from its first moment, rule 5)
-    assert replay.content.replace(PING, b"") == b"data: " + json.dumps({"error": error["error"]}).encode() + \
-        b"\n\n"
+    event = b"data: " + json.dumps({"error": error["error"]}).encode() + b"\n\n"
+    assert replay.content.replace(PING, b"") == event
     assert harness.store.lookup(["err"])[0].state is State.FAILED
 
 
