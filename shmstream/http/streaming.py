@@ -32,6 +32,7 @@ class ClientLink:
     def __init__(self, receive: Callable[[], Awaitable[dict]]):
         self._receive = receive
         self.disconnected = False
+        self._listener: asyncio.Task | None = None
 
     async def receive(self) -> dict:
         message = await self._receive()
@@ -40,9 +41,27 @@ class ClientLink:
         return message
 
     async def gone(self) -> None:
-        """Return once the client has disconnected (request body left unread is dropped)."""
+        """Return once the client has disconnected (request body left unread is dropped).
+
+        One listener task per request does the waiting, and cancelling ``gone`` never
+        cancels it: gunicorn's asgi worker (27.0.1, ``_wait_for_disconnect``) marks the
+        request disconnected when a pending ``receive()`` is cancelled, which ended a
+        caller's stream after its first chunk once the wait for the relay's answer was
+        given up."""
+        if self.disconnected:
+            return
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        await asyncio.shield(self._listener)
+
+    async def _listen(self) -> None:
         while not self.disconnected:
             await self.receive()
+
+    def close(self) -> None:
+        """The request is over: stop listening."""
+        if self._listener is not None and not self._listener.done():
+            self._listener.cancel()
 
 
 def with_client_link(app):
@@ -54,7 +73,10 @@ def with_client_link(app):
             return
         link = ClientLink(receive)
         scope[LINK_KEY] = link
-        await app(scope, link.receive, send)
+        try:
+            await app(scope, link.receive, send)
+        finally:
+            link.close()
 
     application.falcon_app = app
     return application
