@@ -276,14 +276,14 @@ class Settings:
     workers: int | None = setting(
         Integer(minimum=1, maximum=256), None, "HTTP worker processes",
         default_text="2 per CPU (2..8)", optional=True, process=True)
-    threads: int | None = setting(
-        Integer(minimum=1, maximum=10000), None, "threads per worker; each open stream "
-        "holds one", default_text="128", optional=True, process=True)
-    graceful_timeout: float | None = setting(
-        Duration(minimum=0, maximum=3600), None, "on SIGTERM or SIGHUP, answers in flight "
-        "get this long to finish", default_text="10 s", optional=True, process=True)
+    relays: int = setting(
+        Integer(minimum=1, maximum=64), 1, "relay processes; each relays thousands of "
+        "streams on one event loop", metavar="N")
+    graceful_timeout: float = setting(
+        Duration(minimum=0, maximum=3600), 30.0, "on SIGTERM, running answers get this long "
+        "to finish before they end aborted")
     access_log: str | None = setting(
-        Kind(form="a file path, or - for stderr"), None, "gunicorn access log",
+        Kind(form="a file path, or - for standard output"), None, "gunicorn access log",
         default_text="none", optional=True, process=True, metavar="FILE")
     log_level: str = setting(
         Choice(form="a log level", choices=("debug", "info", "warning", "error")), "info",

@@ -44,7 +44,7 @@ class Serve:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.argv = [sys.executable, "-m", "shmstream", "serve", "--bind",
-                     f"127.0.0.1:{self.port}", "--workers", "1", "--threads", "8", *flags]
+                     f"127.0.0.1:{self.port}", "--workers", "1", *flags]
         self.env = _env(SHMSTREAM_NAMESPACE=namespace, SHMSTREAM_GRACEFUL_TIMEOUT="2", **env)
         self.process: subprocess.Popen | None = None
 

@@ -15,7 +15,8 @@ from shmstream.config import SettingError, Settings, env_name, spec_of, specs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Variables that are wiring between shmstream's own processes, not settings.
 INTERNAL_VARIABLES = {"SHMSTREAM_SUPERVISOR_PARENT", "SHMSTREAM_NAMESPACE_LOCK_FD",
-                      "SHMSTREAM_NO_FUTEX"}
+                      "SHMSTREAM_NO_FUTEX", "SHMSTREAM_RELAY_SOCKET", "SHMSTREAM_RELAY_FD",
+                      "SHMSTREAM_RELAY_READY_FD", "SHMSTREAM_RELAY_PARENT"}
 
 
 @pytest.mark.parametrize(("name", "raw", "value"), [

@@ -9,26 +9,22 @@ import pytest
 from shmstream.config import Settings
 from shmstream.http.app import create_app
 from shmstream.http.webui import WEBUI_PREFIX, load_static
-from shmstream.relay.demo import DemoUpstream
-from shmstream.relay.upstream import Relay
+from shmstream.relay.demo import AsyncDemoUpstream
+from shmstream.relay.handoff import RelayClient
 from shmstream.shm.store import ShmStore
 
 
 @pytest.fixture
-def make_client(namespace):
-    relays = []
-
+def make_client(namespace, tmp_path):
     def make(**settings_options) -> falcon.testing.TestClient:
         settings = Settings(namespace=namespace, **settings_options)
         store = ShmStore(namespace)
-        upstream = DemoUpstream(1000)
-        relay = Relay(store, upstream, settings.ping_interval)
-        relays.append(relay)
-        return falcon.testing.TestClient(create_app(store, settings, upstream, relay=relay))
+        # The page's routes never hand a completion over: no relay listens there.
+        relay = RelayClient(str(tmp_path / "no-relay.sock"))
+        return falcon.testing.TestClient(create_app(store, settings, AsyncDemoUpstream(1000),
+                                                    relay))
 
-    yield make
-    for relay in relays:
-        relay.watcher.shutdown()
+    return make
 
 
 def test_the_packaged_files_are_there():

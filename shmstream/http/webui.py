@@ -1,4 +1,5 @@
-"""The chat page at ``/shmstream/``: a few static files (``shmstream/http/static``), no build step.
+"""The chat page at ``/shmstream/``: a few static files (``shmstream/http/static``), no build step,
+and ``/favicon.ico`` when the upstream has none.
 
 The page talks to the same origin's ``/v1/...`` routes, so it shows resume, lookup and Stop
 working against whatever upstream shmstream relays. It lives under its own prefix so it
@@ -68,8 +69,8 @@ class WebUIResource:
     def __init__(self, files: dict[str, StaticFile] | None = None):
         self.files = load_static() if files is None else files
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str = INDEX,
-               vendored: str | None = None) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response, name: str = INDEX,
+                     vendored: str | None = None) -> None:
         if vendored is not None:
             name = f"{VENDOR}/{vendored}"
         if req.path == WEBUI_PREFIX.rstrip("/"):
@@ -97,10 +98,20 @@ class WebUIResource:
     on_head = on_get
 
 
-def add_webui(app: falcon.App) -> None:
+FAVICON = "favicon.svg"
+
+
+def favicon(files: dict[str, StaticFile]) -> StaticFile:
+    """Our icon: browsers ask every origin for ``/favicon.ico``; answered by the proxy
+    with this one when the upstream has none (so a page load logs no 404)."""
+    return files[FAVICON]
+
+
+def add_webui(app: falcon.App) -> WebUIResource:
     """Route the page. Routes are matched before sinks, so these win over the proxy."""
     resource = WebUIResource()
     app.add_route(WEBUI_PREFIX.rstrip("/"), resource)
     app.add_route(WEBUI_PREFIX, resource)
     app.add_route(WEBUI_PREFIX + "{name}", resource)
     app.add_route(WEBUI_PREFIX + VENDOR + "/{vendored}", resource)
+    return resource
