@@ -272,3 +272,23 @@ def test_a_store_outage_is_logged_once_each_way_and_recovers(namespace, tmp_path
     finally:
         redis_process.terminate()
         redis_process.wait(10)
+
+
+@pytest.mark.parametrize(("env", "needles"), [
+    ({"SHMSTREAM_WORKERS": "abc"}, ("SHMSTREAM_WORKERS", "a whole number")),
+    ({"SHMSTREAM_BACKEND": "redis://127.0.0.1:1"}, ("session store", "does not answer")),
+])
+def test_the_repository_gunicorn_conf_refuses_the_same_way(namespace, env, needles):
+    # `gunicorn -c gunicorn.conf.py`, the other documented start, checks the same things.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    result = subprocess.run(
+        [gunicorn, "-c", os.path.join(root, "gunicorn.conf.py")], cwd=root,
+        env=_env(SHMSTREAM_NAMESPACE=namespace, SHMSTREAM_BIND=f"127.0.0.1:{free_port()}",
+                 **env), capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert all(needle in output for needle in needles), output
+    assert "ready" not in output
+    assert not os.path.exists(namespace_lock.lock_path(namespace))
