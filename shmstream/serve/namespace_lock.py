@@ -76,6 +76,11 @@ class NamespaceLock:
             except BlockingIOError:
                 os.close(fd)
                 pid = holder_pid(namespace, shm_dir)
+                if pid and not _alive(pid):
+                    # Its master died; forked workers still hold the descriptor for a moment.
+                    raise NamespaceInUse(
+                        f"namespace {namespace!r} is still held by the exiting processes of a "
+                        f"stopped service (pid {pid}); try again in a few seconds") from None
                 by = f" (pid {pid})" if pid else ""
                 raise NamespaceInUse(
                     f"namespace {namespace!r} is in use by a running shmstream service{by}; "
@@ -130,6 +135,16 @@ class NamespaceLock:
                 os.unlink(self.path)  # while still locked: see acquire
         os.close(self.fd)
         self.fd = -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _same_file(fd: int, path: str) -> bool:
