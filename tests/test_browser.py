@@ -562,3 +562,24 @@ def test_the_status_line_speaks_to_people_not_internals(start_service, browsing)
     assert texts and any("reconnected" in text or "answering" in text for text in texts), texts
     for text in texts:
         assert "byte" not in text and "offset" not in text, text
+
+
+def test_an_answer_keeps_running_while_another_chat_is_open(start_service, browsing, upstream):
+    service = start_service()
+    events, tag = 40, new_tag("switch")
+    session = browsing(service, {"tag": tag, "events": events, "interval": 0.08})
+    page = session.open()
+    send(page, "long answer")
+    wait_answer_contains(page, " tok3 ")
+    first = chat_id(page)
+    page.click("#new-chat")  # the answer goes on on the server, unread by this tab
+    assert page.locator(".turn").count() == 0
+    wait_for(lambda: upstream_record(upstream, tag)["events_sent"] >= 20, timeout=15)
+    page.click("#chats > summary")
+    page.locator("#chat-list .chat-open", has_text="long answer").click()
+    assert chat_id(page) == first
+    wait_answer(page, full_text(events))
+    wait_state(page, "done")
+    assert len(requests_of(service, "POST", "/v1/chat/completions")) == 1  # not asked again
+    record = upstream_record(upstream, tag)
+    assert record["finished"] and record["closed_at"] is None  # never cancelled
