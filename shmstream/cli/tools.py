@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import BinaryIO
 
 from shmstream import metrics
 from shmstream.backends import open_store
+from shmstream.cli.follow import tail
 from shmstream.cli.snapshot import (  # noqa: F401 - re-exported for tests and scripts
     CHUNK,
     Snapshot,
@@ -57,7 +57,7 @@ from shmstream.cli.text import (  # noqa: F401 - re-exported for tests and scrip
     show_id,
 )
 from shmstream.config import SettingError, Settings, redact_url
-from shmstream.store.errors import InvalidConversationId, OffsetLost, ShmstreamError
+from shmstream.store.errors import InvalidConversationId, ShmstreamError
 from shmstream.store.interface import Session, SessionInfo, SessionStore, now_us
 from shmstream.store.states import State
 
@@ -313,74 +313,6 @@ def load(args) -> int:
         say(f"note: it ended more than the TTL ({store.ttl:g} s) ago, so the next GC pass "
              f"removes it; load with --touch to restart its TTL")
     return EXIT_OK
-
-
-# --- tail ---------------------------------------------------------------------------------
-
-
-class _StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the reader loop checks (a blocked futex wait returns
-    on the signal), so the reader leaves its waiter count and lock consistent."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def is_set(self) -> bool:
-        return self.received is not None
-
-    def __enter__(self) -> _StopSignals:
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def tail(args) -> int:
-    if args.from_offset is not None and args.from_offset < 0:
-        raise ToolError(f"--from must be a non-negative offset, not {args.from_offset}",
-                        EXIT_USAGE)
-    store = _store(args)
-    session = _get(store, args.id)
-    try:
-        with _StopSignals() as stop:
-            offset = _follow(session, args.from_offset, stop.is_set, sys.stdout.buffer)
-            if stop.is_set():
-                return EXIT_INTERRUPTED
-        if isatty(sys.stderr):
-            say(f"-- session ended: {session.info().state.label} at offset {offset}")
-        return EXIT_OK
-    finally:
-        session.close()
-
-
-def _follow(session: Session, start: int | None, should_stop: Callable[[], bool],
-            out: BinaryIO) -> int:
-    """Copy the session's bytes from ``start`` (None: its end, as ``tail -f`` starts) to
-    ``out`` as they arrive, until it ends or ``should_stop()``; return the offset reached.
-
-    Raises :class:`ToolError` when the bytes at the offset are gone: asked for with
-    ``start``, or dropped by a producer that lapped this reader.
-    """
-    offset = session.info().total_bytes if start is None else start
-    try:
-        for chunk in session.read(offset, should_stop=should_stop):
-            out.write(chunk)
-            out.flush()
-            offset += len(chunk)
-        return offset
-    except OffsetLost:
-        pass
-    dropped = session.info().dropped_bytes
-    raise ToolError(f"offset {offset} is no longer held (the oldest held byte is {dropped})")
 
 
 # --- gc / purge ---------------------------------------------------------------------------
