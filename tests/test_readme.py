@@ -16,7 +16,7 @@ from service import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-SERVE_PACKAGES = 16  # what `pip install .` brings; the test extra brings ~45
+SERVE_PACKAGES = 15  # what `pip install .` brings (measured); the test extra ~45 more
 
 
 def trying_it_block() -> str:
@@ -75,7 +75,7 @@ def test_the_trying_it_block_works_when_pasted_into_a_fresh_clone(tmp_path, name
                                capture_output=True, text=True, check=True).stdout
     names = {line.split("==")[0].lower() for line in installed.splitlines()}
     assert "pytest" not in names and "playwright" not in names, names
-    assert len(names) <= SERVE_PACKAGES + 3, names  # + pip, setuptools, shmstream itself
+    assert len(names) <= SERVE_PACKAGES + 4, names  # + pip, setuptools, shmstream; 1 spare
 
 
 def test_a_built_wheel_has_every_subpackage_the_page_and_its_licenses(tmp_path):
