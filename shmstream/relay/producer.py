@@ -50,6 +50,7 @@ _TERMINAL = re.compile(
     rb"|(?:^|\n)event: ?(?:message_stop|response\.completed|response\.failed"
     rb"|response\.incomplete)[ \t]*\r?\n"
 )
+_TERMINAL_MARKERS = (b"[DONE]", b"message_stop", b"event: response.", b"event:response.")
 _TAIL = 64  # bytes of the previous chunk kept to find a terminal event split across chunks
 
 
@@ -137,7 +138,8 @@ class Producer:
         appended = self.session.append(data)
         self._last_append = time.monotonic()
         window = self._tail + data
-        if _TERMINAL.search(window):
+        # A plain search first: the regex runs only on the rare chunk that may end it.
+        if any(marker in window for marker in _TERMINAL_MARKERS) and _TERMINAL.search(window):
             self.ended = True
         self._tail = window[-_TAIL:]
         self._bytes += len(data)

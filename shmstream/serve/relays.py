@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from shmstream.config import Settings
 from shmstream.relay.handoff import SOCKET_ENV
+from shmstream.relay.server import BACKLOG
 from shmstream.store.procs import process_alive, process_start_time
 
 log = logging.getLogger("shmstream.serve.relays")
@@ -132,7 +133,7 @@ class RelayPool:
             self.socket_path = os.path.join(self._directory, "relay.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
-        listener.listen(4096)
+        listener.listen(BACKLOG)
         self._listener = listener
         os.environ[SOCKET_ENV] = self.socket_path
         with self._lock:
