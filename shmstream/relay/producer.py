@@ -50,7 +50,6 @@ _TERMINAL = re.compile(
     rb"|(?:^|\n)event: ?(?:message_stop|response\.completed|response\.failed"
     rb"|response\.incomplete)[ \t]*\r?\n"
 )
-_TERMINAL_MARKERS = (b"[DONE]", b"message_stop", b"event: response.", b"event:response.")
 _TAIL = 64  # bytes of the previous chunk kept to find a terminal event split across chunks
 
 
@@ -139,7 +138,8 @@ class Producer:
         self._last_append = time.monotonic()
         window = self._tail + data
         # A plain search first: the regex runs only on the rare chunk that may end it.
-        if any(marker in window for marker in _TERMINAL_MARKERS) and _TERMINAL.search(window):
+        if (b"[DONE]" in window or b"message_stop" in window or b"response." in window) \
+                and _TERMINAL.search(window):
             self.ended = True
         self._tail = window[-_TAIL:]
         self._bytes += len(data)
@@ -233,7 +233,6 @@ class Producer:
         the upstream is open and silent, at an event boundary."""
         if not self.open or self.stop_reason is not None:
             return
-        self.report_bytes()
         if self.session.producer_should_stop:
             self.stop("cancel")
             log.info("session cancel-observed id=%s upstream call closed", self.log_id)
@@ -242,7 +241,7 @@ class Producer:
             if _at_boundary(self._tail):
                 self.session.append(PING)
                 self._tail = PING
-                metrics.bytes_appended(len(PING))
+                self._bytes += len(PING)
             self._last_append = now
 
     def stop(self, reason: str) -> None:
@@ -258,12 +257,18 @@ class Producer:
         if self.task is not None:
             self.task.cancel()
 
+    def unreported_bytes(self) -> int:
+        """The bytes appended since the last call, for /metrics: the ticker adds them up
+        over every producer and counts them once per tick (a multiprocess metric write
+        costs microseconds: never on every append)."""
+        delta = self._bytes - self._bytes_reported
+        self._bytes_reported = self._bytes
+        return delta
+
     def report_bytes(self) -> None:
-        """Count the bytes appended since the last call in /metrics (once per tick, not on
-        every append: the hot path stays free of it)."""
-        if self._bytes != self._bytes_reported:
-            metrics.bytes_appended(self._bytes - self._bytes_reported)
-            self._bytes_reported = self._bytes
+        delta = self.unreported_bytes()
+        if delta:
+            metrics.bytes_appended(delta)
 
     def _observe_cancel(self, info) -> None:
         if info.state is State.CANCELLED and info.completed_at:

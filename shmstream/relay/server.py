@@ -142,11 +142,15 @@ class RelayServer:
         while True:
             await asyncio.sleep(self.tick)
             now = time.monotonic()
+            appended = 0
             for producer in list(self.producers):
                 try:
                     producer.tick(now)
+                    appended += producer.unreported_bytes()
                 except Exception:
                     log.exception("relay tick failed id=%s", producer.log_id)
+            if appended:
+                metrics.bytes_appended(appended)
 
     # --- ending ---------------------------------------------------------------------------
     async def drain(self, timeout: float | None) -> int:
