@@ -1,4 +1,4 @@
-"""Start the real service (gunicorn with gthread workers) for integration tests and the
+"""Start the real service (gunicorn with its asgi workers) for integration tests and the
 benchmark, and always stop it.
 
 Uses the repository's ``gunicorn.conf.py`` (settings from ``SHMSTREAM_*``); the access log
@@ -35,7 +35,7 @@ def _gunicorn() -> str:
 
 
 class Service:
-    """``gunicorn -c gunicorn.conf.py`` on a free port, with ``workers`` gthread workers."""
+    """``gunicorn -c gunicorn.conf.py`` on a free port, with ``workers`` asgi workers."""
 
     def __init__(self, namespace: str, upstream: str | None, log_dir: str, workers: int = 3,
                  threads: int = 16, **settings):

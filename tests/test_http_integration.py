@@ -1,4 +1,4 @@
-"""The real service: gunicorn with 3 gthread workers in front of real upstream processes
+"""The real service: gunicorn with 3 asgi workers in front of real upstream processes
 (the scripted SSE server of ``sse_upstream.py`` and the third-party ``fakellm`` mock), over
 real sockets. Every test has its own namespace and stops every process it starts."""
 
@@ -77,17 +77,19 @@ def test_twenty_disconnect_resume_cycles_are_byte_identical(service_factory, ups
     headers = {"X-Conversation-Id": conversation}
     saved = b""
     with httpx.stream("POST", service.url + "/v1/chat/completions", headers=headers,
-                      json=chat({"tag": tag, "events": 400, "interval": 0.005, "pad": 20}),
+                      json=chat({"tag": tag, "events": 800, "interval": 0.005, "pad": 20}),
                       timeout=TIMEOUT) as response:
         assert response.status_code == 200
         assert response.headers["content-type"] == "text/event-stream"
         saved += complete_lines(read_some(response, 300))
     path = "/v1/stream/chat-42%3A%3Aorg%2Fmodel"
-    for cycle in range(19):  # 1 POST + 19 GETs, each a fresh connection dropped mid-stream
-        with httpx.stream("GET", f"{service.url}{path}?from={len(saved)}",
-                          timeout=TIMEOUT) as response:
-            assert response.status_code == 200, cycle
-            saved += complete_lines(read_some(response, 200 + 37 * cycle))
+    # One client (a new httpx client costs ~100 ms here); leaving a stream early drops its
+    # connection, so each GET still comes on a fresh one.
+    with httpx.Client(timeout=TIMEOUT) as client:
+        for cycle in range(19):  # 1 POST + 19 GETs, each a connection dropped mid-stream
+            with client.stream("GET", f"{service.url}{path}?from={len(saved)}") as response:
+                assert response.status_code == 200, cycle
+                saved += complete_lines(read_some(response, 200 + 37 * cycle))
     info = httpx.post(service.url + "/v1/streams/lookup", timeout=TIMEOUT,
                       json={"conversation_ids": ["chat-42"]}).json()
     assert [entry["conversation_id"] for entry in info] == [conversation]
