@@ -65,10 +65,10 @@ class Service:
         conf = os.path.join(ROOT, "gunicorn.conf.py")
         if os.path.exists(conf):
             return [_gunicorn(), "-c", conf, "--access-logformat", ACCESS_FORMAT]
-        return [_gunicorn(), "-k", "gthread", "-w", str(self.workers), "--threads",
-                self.env["SHMSTREAM_THREADS"], "-b", self.env["SHMSTREAM_BIND"],
+        return [_gunicorn(), "-k", "asgi", "-w", str(self.workers),
+                "-b", self.env["SHMSTREAM_BIND"],
                 "--graceful-timeout", "3", "--access-logfile", self.access_log,
-                "--access-logformat", ACCESS_FORMAT, "shmstream.serve.wsgi:application"]
+                "--access-logformat", ACCESS_FORMAT, "shmstream.serve.asgi:application"]
 
     def start(self, timeout: float = 30.0) -> Service:
         with open(self.error_log, "ab") as log:
