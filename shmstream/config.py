@@ -29,6 +29,9 @@ class Settings:
     backend: str = "shm"  # "shm" or a redis:// URL
     cors_origins: str = "*"  # "*", "none" or comma-separated origins (shmstream.http.cors)
     demo_tokens_per_second: float = 20.0
+    relays: int = 1  # relay processes (each relays thousands of streams on one event loop)
+    # seconds a SIGTERM leaves running answers to finish before they end "aborted"
+    graceful_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> Settings:

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 from shmstream.relay.client import AsyncUpstream
 from shmstream.relay.server import RelayServer
@@ -32,12 +33,14 @@ log = logging.getLogger("shmstream.relay.process")
 
 class RelayProcess:
     def __init__(self, store: SessionStore, upstream: AsyncUpstream, sock: socket.socket,
-                 ping_interval: float, graceful_timeout: float):
+                 ping_interval: float, graceful_timeout: float,
+                 on_ready: Callable[[], None] | None = None):
         self.store = store
         self.upstream = upstream
         self.sock = sock
         self.ping_interval = ping_interval
         self.graceful_timeout = graceful_timeout
+        self.on_ready = on_ready  # called once the relay accepts hand-offs
         self._asked: asyncio.Queue[str] | None = None
 
     def run(self) -> int:
@@ -56,6 +59,8 @@ class RelayProcess:
             loop.add_signal_handler(sig, self._ask, what)
         server = RelayServer(self.store, self.upstream, self.ping_interval)
         await server.start(self.sock)
+        if self.on_ready is not None:
+            self.on_ready()
         log.info("relay running (pid %d): %s, ping every %g s", os.getpid(),
                  self.upstream.description, self.ping_interval)
         what = await self._asked.get()

@@ -3,12 +3,17 @@ the repository root imports this) and by ``shmstream serve`` (``-c python:...``)
 
 Everything comes from the environment: the ``SHMSTREAM_*`` settings of
 :class:`shmstream.config.Settings`, plus ``SHMSTREAM_BIND``, ``SHMSTREAM_WORKERS``,
-``SHMSTREAM_THREADS`` and ``SHMSTREAM_GRACEFUL_TIMEOUT`` for the process model.
+``SHMSTREAM_THREADS`` for the process model (``SHMSTREAM_RELAYS`` and
+``SHMSTREAM_GRACEFUL_TIMEOUT`` are settings: the relays read them too).
 """
 
+import math
 import os
 
+from shmstream.config import Settings
 from shmstream.serve import gunicorn_hooks
+
+RELAY_MARGIN = 5.0  # seconds
 
 _cpus = os.cpu_count() or 1
 
@@ -34,7 +39,10 @@ threads = 1
 worker_connections = 100_000
 # Streams last minutes; the worker heartbeat comes from its event loop, not requests.
 timeout = 60
-graceful_timeout = int(os.environ.get("SHMSTREAM_GRACEFUL_TIMEOUT") or 10)
+# SHMSTREAM_GRACEFUL_TIMEOUT is the relays' deadline for running answers on SIGTERM; the
+# HTTP workers get a few seconds more, so their readers still deliver the end (done, or
+# aborted at the deadline) before gunicorn kills them.
+graceful_timeout = math.ceil(Settings.from_env().graceful_timeout + RELAY_MARGIN)
 keepalive = 5
 # Build the app in each worker after fork: shared memory handles, threads and HTTP pools
 # must not be inherited from the master.

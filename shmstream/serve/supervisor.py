@@ -144,6 +144,7 @@ class SupervisorProcess:
     """
 
     WATCH_INTERVAL = 0.5
+    RESTART_SETTLE = 0.5  # seconds a dead supervisor waits for a stop before it is replaced
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -164,7 +165,10 @@ class SupervisorProcess:
 
         env = {**os.environ, **self.settings.to_env(), PARENT_ENV: str(os.getpid())}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shmstream.cli.main", "supervise"], env=env, close_fds=True
+            [sys.executable, "-m", "shmstream.cli.main", "supervise"], env=env, close_fds=True,
+            # its own process group: a terminal's ^C reaches the master, which stops the
+            # supervisor last, instead of killing it first (and seeing it "die")
+            start_new_session=True,
         )
         self.start_time = process_start_time(self.process.pid)
         log.info("started supervisor pid %d", self.process.pid)
@@ -176,10 +180,21 @@ class SupervisorProcess:
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.WATCH_INTERVAL):
-            if not self.alive():
-                self.restarts += 1
-                log.error("supervisor died; restarting it (restart #%d)", self.restarts)
-                self._spawn()
+            if self.alive():
+                continue
+            # A stop signal sent to the whole group (systemd's control-group kill) reaches
+            # the supervisor and the master together: give the master's handler the time
+            # to mark the stop before calling this a death (issue 14, item 5).
+            if self._stopping.wait(self.RESTART_SETTLE):
+                log.info("supervisor pid %d exited during shutdown", self.process.pid)
+                return
+            self.restarts += 1
+            log.error("supervisor died; restarting it (restart #%d)", self.restarts)
+            self._spawn()
+
+    def begin_stop(self) -> None:
+        """A stop began: never restart the supervisor from now on."""
+        self._stopping.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
