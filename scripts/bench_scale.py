@@ -378,11 +378,13 @@ async def load_idle(options: dict) -> dict:
     await asyncio.sleep(options["seconds"])
     rate = pings[0] / (time.monotonic() - started) / max(1, len(calls))
     held = sum(1 for c in calls if c.status == 200 and not c.done.done())
+    print(json.dumps({"readers": len(calls), "held": held, "pings_per_reader_s": rate}),
+          flush=True)  # the measured window ends here, before the teardown
     for call in calls:
         call.transport.close()
     for index in range(sessions):  # stop the silent generations
         await open_call(port, http_request("DELETE", f"/v1/stream/idle-{run_id}-{index}"))
-    return {"readers": len(calls), "held": held, "pings_per_reader_s": rate}
+    return {"closed": True}
 
 
 async def load_fanout(options: dict) -> dict:
@@ -576,17 +578,20 @@ def main() -> int:
                         readers=args.idle_readers, seconds=args.idle_seconds)
             held = load.line()
             rss = tree_rss_bytes(service.process.pid)
-            cpu_before = cpu_times([service.process.pid])
-            result = load.result()
+            cpu_before, started = cpu_times([service.process.pid]), time.monotonic()
+            result = load.line()
+            window = time.monotonic() - started
             user, system = (a - b for a, b in zip(cpu_times([service.process.pid]),
                                                   cpu_before, strict=True))
+            load.result()
             print(f"\n## idle: {result['readers']} readers of {args.idle_sessions} silent "
                   f"sessions on {args.workers} workers")
             print(f"held {held['held']} (still open at the end: {result['held']}); pings "
                   f"{result['pings_per_reader_s']:.2f}/reader/s; shmstream RSS "
                   f"{rss / 2**20:.0f} MiB ({rss / max(1, result['readers']) / 1024:.1f} KiB "
                   f"per reader, shared pages counted per process); shmstream CPU while idle "
-                  f"{(user + system) / args.idle_seconds * 100:.0f}% of a core")
+                  f"{(user + system) / window * 100:.0f}% of a core ({user / window * 100:.0f}"
+                  f"% user + {system / window * 100:.0f}% system)")
         if "fanout" in phases:
             print(f"\n## fan-out: one session, upstream bursting {args.fanout_events} events")
             print("| readers | complete | events/s into the session | slowest reader |")
