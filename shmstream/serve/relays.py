@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shmstream.config import Settings
 from shmstream.relay.handoff import SOCKET_ENV
@@ -57,6 +57,10 @@ WATCH_INTERVAL = 0.2  # seconds: a dead relay's sessions are aborted within abou
 # whole group (systemd's control-group kill), the master's own handler marks the stop in
 # the meantime and nothing is restarted during shutdown (issue 14, item 5).
 RESTART_SETTLE = 0.5
+# A relay that dies soon after it started (the store is down, a bad setting) is restarted
+# after a growing delay, so the log gets one line per try instead of two per second.
+QUICK_DEATH = 10.0  # seconds
+MAX_BACKOFF = 30.0  # seconds
 
 
 @dataclass
@@ -66,6 +70,7 @@ class RelayChild:
     ready_fd: int = -1  # the read end of its readiness pipe: a byte once it accepts
     retiring: bool = False
     dead_since: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
 
     def wait_ready(self, timeout: float) -> bool:
         """Whether the relay accepts hand-offs, waiting up to ``timeout`` seconds."""
@@ -110,6 +115,7 @@ class RelayPool:
         self.abort_producers = abort_producers
         self.children: list[RelayChild] = []
         self.restarts = 0
+        self.backoff = 0.0  # seconds before the next restart of a relay that died young
         self.stopping = False
         self._lock = threading.RLock()
         self._stop_watch = threading.Event()
@@ -117,6 +123,7 @@ class RelayPool:
         self._directory = ""
         self.socket_path = ""
         self._listener: socket.socket | None = None
+        self._exported = False
 
     # --- starting -------------------------------------------------------------------------
     def start(self) -> None:
@@ -135,6 +142,7 @@ class RelayPool:
         listener.bind(self.socket_path)
         listener.listen(BACKLOG)
         self._listener = listener
+        self._exported = not preset
         os.environ[SOCKET_ENV] = self.socket_path
         with self._lock:
             for _ in range(self.count):
@@ -194,6 +202,10 @@ class RelayPool:
                     continue
                 child.dead_since = now
                 self._reap_sessions(child)
+                if not (child.retiring or self.stopping):
+                    quick = now - child.started_at < QUICK_DEATH
+                    self.backoff = min(max(1.0, self.backoff * 2), MAX_BACKOFF) if quick \
+                        else 0.0
             for child in list(self.children):
                 if not child.dead_since:
                     continue
@@ -204,11 +216,12 @@ class RelayPool:
                 if child.retiring or self.stopping:
                     self.children.remove(child)
                     log.info("relay pid %d exited", child.pid)
-                elif now - child.dead_since >= RESTART_SETTLE:
+                elif now - child.dead_since >= max(RESTART_SETTLE, self.backoff):
                     self.children.remove(child)
                     self.restarts += 1
-                    log.error("relay pid %d died; starting a new one (restart #%d)",
-                              child.pid, self.restarts)
+                    log.error("relay pid %d died after %.1f s; starting a new one "
+                              "(restart #%d)", child.pid, child.dead_since - child.started_at,
+                              self.restarts)
                     self._spawn()
 
     def _reap_sessions(self, child: RelayChild) -> None:
@@ -283,6 +296,8 @@ class RelayPool:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._exported and os.environ.get(SOCKET_ENV) == self.socket_path:
+            del os.environ[SOCKET_ENV]  # a later pool in this process makes its own
         if self._directory:
             shutil.rmtree(self._directory, ignore_errors=True)
         else:
