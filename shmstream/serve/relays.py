@@ -3,16 +3,18 @@
 Why not gunicorn's dirty arbiters (gunicorn 25+, read in 27.0.1's ``gunicorn/dirty``): they
 are a pool for *calls*, and a relay's generation must outlive its caller.
 - The dirty arbiter queues each request for one worker and runs that worker's queue one
-  request at a time (``_start_worker_consumer``), and a streamed result is forwarded chunk by
-  chunk through the arbiter to the calling HTTP worker: one long stream occupies a dirty
-  worker, so thousands of concurrent streams would need thousands of processes, and every
-  chunk costs two more socket hops and a serialization.
+  request at a time (``_start_worker_consumer``): one long stream occupies a dirty worker,
+  so thousands of concurrent streams would need thousands of processes.
 - The task is tied to the caller's connection: when the HTTP worker dies, the arbiter's
   write to it fails and it drops the connection to the dirty worker, which abandons the
   generator. A kill -9 of the HTTP worker would still cut the answer.
-- On SIGHUP it spawns new dirty workers and sends SIGTERM to workers picked by position,
-  and a dirty worker's SIGTERM only closes its server: running tasks are not drained;
-  ``dirty_graceful_timeout`` applies to the final stop only.
+- On SIGHUP (``DirtyArbiter.reload``) it spawns new dirty workers, then SIGTERMs
+  ``list(self.workers)[dirty_workers:]``, which after the spawn are the *new* ones (the dict
+  keeps insertion order), so the old code keeps running; and a dirty worker's SIGTERM only
+  closes its server, running tasks are not drained. ``dirty_graceful_timeout`` applies to
+  the final stop only.
+- Its cost per chunk: each chunk is a serialized frame through two unix-socket hops
+  (worker -> arbiter -> HTTP worker); a relay appends it to the store and nothing else.
 So shmstream has its own, shaped the same way: the master owns one listening unix socket
 per service (a private directory), relays inherit it and accept on it, so a renewal has no
 gap (connections wait in the backlog); the master restarts a relay that dies and, on
