@@ -152,6 +152,14 @@ class HttpAsyncUpstream(AsyncUpstream):
         self.shards: list[_Shard] = []
         self._shard()  # the first client now: it imports what httpx loads lazily (~80 ms)
 
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The first client: for callers that drive httpx themselves (the HTTP workers'
+        proxy streams request bodies through it)."""
+        if not self.shards:
+            self._shard()
+        return self.shards[0].client
+
     def _shard(self) -> _Shard:
         for shard in self.shards:
             if shard.active < self.shard_size:

@@ -161,10 +161,10 @@ class Producer:
                 response = await self.upstream.open(self.request)
             except UpstreamError as exc:
                 error = error_object(502, exc.message, "server_error")
+                metrics.upstream_error("unreachable")  # counted before the caller hears
                 self._set_answer(RelayAnswer(502, [("Content-Type", JSON_TYPE)],
                                              json.dumps({"error": error}).encode()))
                 self._append_error(error)
-                metrics.upstream_error("unreachable")
                 log.warning("session upstream-failed id=%s error=%r", self.log_id, exc.message)
                 return state
             log.info("session upstream-answered id=%s status=%d after=%.3fs", self.log_id,
