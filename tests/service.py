@@ -1,4 +1,4 @@
-"""Start the real service (gunicorn with gthread workers) for integration tests and the
+"""Start the real service (gunicorn with its asgi workers) for integration tests and the
 benchmark, and always stop it.
 
 Uses the repository's ``gunicorn.conf.py`` (settings from ``SHMSTREAM_*``); the access log
@@ -35,7 +35,7 @@ def _gunicorn() -> str:
 
 
 class Service:
-    """``gunicorn -c gunicorn.conf.py`` on a free port, with ``workers`` gthread workers."""
+    """``gunicorn -c gunicorn.conf.py`` on a free port, with ``workers`` asgi workers."""
 
     def __init__(self, namespace: str, upstream: str | None, log_dir: str, workers: int = 3,
                  threads: int = 16, **settings):
@@ -65,10 +65,10 @@ class Service:
         conf = os.path.join(ROOT, "gunicorn.conf.py")
         if os.path.exists(conf):
             return [_gunicorn(), "-c", conf, "--access-logformat", ACCESS_FORMAT]
-        return [_gunicorn(), "-k", "gthread", "-w", str(self.workers), "--threads",
-                self.env["SHMSTREAM_THREADS"], "-b", self.env["SHMSTREAM_BIND"],
+        return [_gunicorn(), "-k", "asgi", "-w", str(self.workers),
+                "-b", self.env["SHMSTREAM_BIND"],
                 "--graceful-timeout", "3", "--access-logfile", self.access_log,
-                "--access-logformat", ACCESS_FORMAT, "shmstream.serve.wsgi:application"]
+                "--access-logformat", ACCESS_FORMAT, "shmstream.serve.asgi:application"]
 
     def start(self, timeout: float = 30.0) -> Service:
         with open(self.error_log, "ab") as log:

@@ -1,4 +1,4 @@
-"""Security limits and observability through the real service (gunicorn, gthread workers):
+"""Security limits and observability through the real service (gunicorn, asgi workers):
 bad input (a corpus and a hypothesis search over raw requests), quotas and a full
 /dev/shm (a real small tmpfs too), hand-corrupted segments, /metrics agreeing across
 workers, permissions, and the log never holding an id.

@@ -39,9 +39,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_LOOKUP_BODY = 1024 * 1024
 MAX_LOOKUP_IDS = 1000
 MAX_COMPLETION_BODY = 64 * 1024 * 1024  # parsed to find "stream"; images make bodies big
-# A waiting reader polls its session at least this often even without a wake-up: the
-# safety net behind the store's notifications (a gone client is noticed at once anyway).
-READER_RECHECK = 1.0
+# A waiting reader polls its session at least this often even without a wake-up: only a
+# safety net behind the store's notifications, which end readers at once on any terminal
+# state (a gone client is noticed at once too). Not 1 s: with pings every second that
+# doubled the wake-ups of idle readers.
+READER_RECHECK = 3.0
 
 
 def _sse_response(resp: falcon.Response, status: int, headers: list[tuple[str, str]]) -> None:

@@ -25,38 +25,37 @@ LINK_KEY = "shmstream.client"
 class ClientLink:
     """One request's ``receive``, seen by the app and by its streaming body.
 
-    The app reads the request body through :meth:`receive` as usual; once it streams,
-    :meth:`gone` waits for the server's ``http.disconnect`` (the body is complete by then,
-    so the server answers ``receive`` only when the client leaves)."""
+    The app reads the request body through :meth:`receive` as usual; once it streams or
+    waits, :meth:`gone` returns when the server reports ``http.disconnect`` (the body is
+    complete by then, so the server answers ``receive`` only when the client leaves). One
+    listener task per request calls ``receive`` for that and is cancelled only when the
+    request is over: a server may treat a cancelled ``receive`` as the end of the
+    connection (gunicorn's asgi worker then answers every later one with a disconnect)."""
 
     def __init__(self, receive: Callable[[], Awaitable[dict]]):
         self._receive = receive
-        self.disconnected = False
+        self._gone = asyncio.Event()
         self._listener: asyncio.Task | None = None
+
+    @property
+    def disconnected(self) -> bool:
+        return self._gone.is_set()
 
     async def receive(self) -> dict:
         message = await self._receive()
         if message["type"] == "http.disconnect":
-            self.disconnected = True
+            self._gone.set()
         return message
 
-    async def gone(self) -> None:
-        """Return once the client has disconnected (request body left unread is dropped).
+    async def _listen(self) -> None:
+        while not self._gone.is_set():
+            await self.receive()  # request body left unread is dropped
 
-        One listener task per request does the waiting, and cancelling ``gone`` never
-        cancels it: gunicorn's asgi worker (27.0.1, ``_wait_for_disconnect``) marks the
-        request disconnected when a pending ``receive()`` is cancelled, which ended a
-        caller's stream after its first chunk once the wait for the relay's answer was
-        given up."""
-        if self.disconnected:
-            return
+    async def gone(self) -> None:
+        """Return once the client has disconnected; cancelling this wait is harmless."""
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
-        await asyncio.shield(self._listener)
-
-    async def _listen(self) -> None:
-        while not self.disconnected:
-            await self.receive()
+        await self._gone.wait()
 
     def close(self) -> None:
         """The request is over: stop listening."""

@@ -29,12 +29,15 @@ import threading
 from dataclasses import dataclass
 
 from shmstream.shm import layout
+from shmstream.store.states import State
 
-LINGER = 2.0  # seconds an idle waiter thread stays for the next wait before it exits
+LINGER = 0.5  # seconds an idle waiter thread of a running session stays for the next wait
 WAIT_SLICE = 1.0  # longest single futex wait: a waiter whose readers all left exits soon
 
 _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
+_STATE_I = layout.STATE_I
+_RUNNING = State.RUNNING
 
 
 @dataclass(eq=False)
@@ -106,19 +109,27 @@ class SessionWaiter:
         i = segment.header.i
         lock = segment.lock
         try:
+            finished = False
             while True:
                 with self._guard:
+                    if not self._entries and not finished:
+                        self._changed.wait(LINGER)  # readers come back right after a wake
                     if not self._entries:
-                        self._changed.wait(LINGER)
-                        if not self._entries:
-                            self.closed = True
-                            break
+                        # Nobody waits (and a finished session gets no one new): unmap at
+                        # once, so a replaced or evicted session's pages are freed.
+                        self.closed = True
+                        break
                 lock.acquire()
                 try:
                     word = i[_FUTEX_I]
-                    i[_WAITERS_I] += 1  # seen by the next publish, which rings for us
+                    finished = i[_STATE_I] != _RUNNING
+                    if not finished:
+                        i[_WAITERS_I] += 1  # seen by the next publish, which rings for us
                 finally:
                     lock.release()
+                if finished:  # every reader re-polls, reads the rest and ends
+                    self._dispatch(self._take_stale(-1))
+                    continue
                 self._dispatch(self._take_stale(word))
                 try:
                     with self._guard:
