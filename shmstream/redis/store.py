@@ -108,6 +108,7 @@ from shmstream.store.interface import (
     matches_lookup,
     now_us,
 )
+from shmstream.store.procs import machine_scope as _machine_scope
 from shmstream.store.procs import process_alive, process_start_time
 from shmstream.store.states import State
 
@@ -320,17 +321,6 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', all, '+inf', '+inf')) do
 end
 return {aborted, removed}
 """
-
-
-def _machine_scope() -> str:
-    """What makes a pid unambiguous: this boot of this kernel and this pid namespace."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as boot:
-            boot_id = boot.read().strip()
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return socket.gethostname()
-    return f"{boot_id}/{namespace}"
 
 
 def _producer_identity(pid: int) -> str:

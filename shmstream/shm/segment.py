@@ -14,13 +14,15 @@ import mmap
 import os
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import posix_ipc
 
 from shmstream.shm import layout
 from shmstream.shm.sync import Doorbell, RobustLock
-from shmstream.store import ids
+from shmstream.store import faults, ids
 from shmstream.store.errors import StoreUnavailable
 from shmstream.store.ids import (  # noqa: F401 - re-exported for the shm tools
     base_id,
@@ -33,6 +35,9 @@ SHM_DIR = "/dev/shm"  # where Linux's shm_open keeps objects; semaphores are "se
 _BASE_HASH_HEX = 16
 _ID_HASH_HEX = 32
 PERMISSIONS = 0o600
+# An object without the ready marker this long after its last change is a dead creator's
+# (creators finish in microseconds, under the registry lock): gc removes it.
+DEBRIS_GRACE = 2.0
 
 
 
@@ -99,6 +104,29 @@ def recovery_lock_path(namespace: str) -> str:
     return os.path.join(SHM_DIR, f"{namespace}.recover")
 
 
+def unfinished_age(name: str, now: float | None = None) -> float | None:
+    """Seconds since an *unfinished* object ``name`` (no ready marker, or no semaphore)
+    last changed; None if it is finished or gone.
+
+    Reads 8 bytes with ``pread``: it never maps the object, so it never allocates pages.
+    """
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        stat = os.fstat(fd)
+        ready = (stat.st_size >= layout.HEADER_SIZE
+                 and layout.has_magic(os.pread(fd, 8, layout.MAGIC_OFFSET)))
+    finally:
+        os.close(fd)
+    if ready and os.path.exists(os.path.join(SHM_DIR, "sem." + name)):
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, now - max(stat.st_mtime, stat.st_ctime))
+
+
 def reserve_pages(fd: int, size: int) -> None:
     """Reserve ``size`` bytes of tmpfs for ``fd`` now, so a full /dev/shm fails here with
     ENOSPC instead of SIGBUS on the first write (the OS seam tests inject failures into)."""
@@ -110,9 +138,14 @@ def unlink(name: str) -> None:
 
     Processes that still map the segment keep a valid mapping until they close it.
     """
-    for remove in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            remove("/" + name)
+    # The object first: a crash between the two leaves an orphan semaphore, which gc
+    # removes; the other order would leave an object without semaphore that opens fail on.
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory("/" + name)
+    if faults.hook is not None:
+        faults.hook("unlink.half")
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_semaphore("/" + name)
 
 
 @dataclass(eq=False)
@@ -125,15 +158,24 @@ class Segment:
     semaphore: posix_ipc.Semaphore
     lock: RobustLock
     doorbell: Doorbell
+    inode: int = 0  # tells this object from a later one of the same name
     _holders: int = 1  # handles sharing this mapping (see retain)
     _holders_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def _attach(cls, name: str, mapping: mmap.mmap, semaphore: posix_ipc.Semaphore,
-                header: layout.Header, guard_path: str) -> Segment:
-        lock = RobustLock(semaphore, header.q, layout.LOCK_OWNER_Q, guard_path)
+                header: layout.Header, guard_path: str, inode: int) -> Segment:
+        lock = RobustLock(semaphore, header.q, layout.LOCK_FIELDS_Q, guard_path)
         return cls(name, mapping, header, semaphore, lock,
-                   Doorbell(mapping, layout.FUTEX_OFFSET))
+                   Doorbell(mapping, layout.FUTEX_OFFSET), inode)
+
+    def still_named(self) -> bool:
+        """Whether our name still refers to this object (not unlinked, not replaced).
+        Meaningful under the registry lock."""
+        try:
+            return os.stat(os.path.join(SHM_DIR, self.name)).st_ino == self.inode
+        except FileNotFoundError:
+            return False
 
     def retain(self) -> Segment:
         """One more holder of this mapping: it is unmapped when the last holder closes."""
@@ -155,12 +197,18 @@ class Segment:
 
 
 def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dict,
-           started_at_us: int, producer_pid: int, producer_start: int) -> Segment:
+           started_at_us: int, producer_pid: int, producer_start: int,
+           producer_scope: int = 0,
+           fill: Callable[[layout.Header], None] | None = None) -> Segment:
     """Create a session's segment and semaphore (mode 0600), reserved and initialised.
+
+    ``fill(header)``, if given, writes more (a restored ring) before the ready marker, so
+    no process ever opens the segment half-made, even if this one dies midway.
 
     Call with the namespace's registry lock held exclusively. Raises
     :class:`FileExistsError` if the name is taken, :class:`StoreUnavailable` if /dev/shm
-    has no room; nothing is left behind after a failure.
+    has no room; nothing is left behind after a failure (a creator killed midway leaves
+    an unfinished object, which :func:`unfinished_age` finds and gc removes).
     """
     name = segment_name(namespace, conversation_id)
     record = layout.encode_metadata(metadata)
@@ -169,8 +217,10 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
         memory = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=PERMISSIONS)
     except posix_ipc.ExistentialError:
         raise FileExistsError(name) from None
-    mapping = None
+    mapping = header = semaphore = None
     try:
+        if faults.hook is not None:
+            faults.hook("create.opened")
         try:
             reserve_pages(memory.fd, size)
         except OSError as exc:
@@ -179,39 +229,61 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
                     f"no room in {SHM_DIR} for a {size}-byte session ({exc.strerror})"
                 ) from None
             raise
+        inode = os.fstat(memory.fd).st_ino
         mapping = mmap.mmap(memory.fd, size)
-        try:
-            try:
-                semaphore = posix_ipc.Semaphore(
-                    "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
-                )
-            except posix_ipc.ExistentialError:
-                # A creator died between the two calls; under the registry lock it is garbage.
-                posix_ipc.unlink_semaphore("/" + name)
-                semaphore = posix_ipc.Semaphore(
-                    "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
-                )
-        except OSError as exc:
-            # The semaphore is a small file in /dev/shm too: the ring may have taken the
-            # last free page (posix_ipc raises a plain OSError with ENOSPC then).
-            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise StoreUnavailable(
-                    f"no room in {SHM_DIR} for a session's semaphore ({exc.strerror})"
-                ) from None
-            raise
+        if faults.hook is not None:
+            faults.hook("create.reserved")
+        semaphore = _create_semaphore(name)
+        if faults.hook is not None:
+            faults.hook("create.semaphore")
         header = layout.Header(mapping)
         header.initialise(
             capacity=capacity, metadata_record=record, started_at_us=started_at_us,
             producer_pid=producer_pid, producer_start=producer_start,
+            producer_scope=producer_scope, ready=False,
         )
+        if fill is not None:
+            fill(header)
+        if faults.hook is not None:
+            faults.hook("create.filled")
+        header.mark_ready()
     except BaseException:
+        # Views first: a mapping with live exports raises BufferError on close, which
+        # would hide the real error and leave both names behind.
+        if header is not None:
+            header.release()
         if mapping is not None:
             mapping.close()
+        if semaphore is not None:
+            semaphore.close()
         unlink(name)
         raise
     finally:
         memory.close_fd()
-    return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace))
+    return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace),
+                           inode)
+
+
+def _create_semaphore(name: str) -> posix_ipc.Semaphore:
+    try:
+        try:
+            return posix_ipc.Semaphore(
+                "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
+            )
+        except posix_ipc.ExistentialError:
+            # A creator died between the two calls; under the registry lock it is garbage.
+            posix_ipc.unlink_semaphore("/" + name)
+            return posix_ipc.Semaphore(
+                "/" + name, posix_ipc.O_CREX, mode=PERMISSIONS, initial_value=1
+            )
+    except OSError as exc:
+        # The semaphore is a small file in /dev/shm too: the ring may have taken the
+        # last free page (posix_ipc raises a plain OSError with ENOSPC then).
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise StoreUnavailable(
+                f"no room in {SHM_DIR} for a session's semaphore ({exc.strerror})"
+            ) from None
+        raise
 
 
 def open_segment(namespace: str, name: str) -> Segment | None:
@@ -225,9 +297,11 @@ def open_segment(namespace: str, name: str) -> Segment | None:
     except posix_ipc.ExistentialError:
         return None
     try:
-        size = os.fstat(memory.fd).st_size
+        stat = os.fstat(memory.fd)
+        size = stat.st_size
         if size < layout.HEADER_SIZE:
-            raise layout.CorruptSegment(f"segment of {size} bytes is smaller than the header")
+            raise layout.CorruptSegment(f"segment of {size} bytes is smaller than the header",
+                                        unfinished=True)
         mapping = mmap.mmap(memory.fd, size)
     finally:
         memory.close_fd()
@@ -241,4 +315,5 @@ def open_segment(namespace: str, name: str) -> Segment | None:
         if isinstance(exc, posix_ipc.ExistentialError):
             raise layout.CorruptSegment("segment has no semaphore", unfinished=True) from None
         raise
-    return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace))
+    return Segment._attach(name, mapping, semaphore, header, recovery_lock_path(namespace),
+                           stat.st_ino)

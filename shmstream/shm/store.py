@@ -20,13 +20,13 @@ from shmstream.shm import layout, segment
 from shmstream.shm.layout import FLAG_CANCEL, CorruptSegment
 from shmstream.shm.sync import (
     STUCK_LOCK_TIMEOUT,
-    CurrentPid,
+    Identity,
+    Liveness,
     LockTimeout,
     flocked,
-    process_alive,
-    process_start_time,
+    liveness,
 )
-from shmstream.store import ring
+from shmstream.store import faults, ring
 from shmstream.store.errors import InvalidConversationId, StoreUnavailable
 from shmstream.store.interface import (
     DEFAULT_CAPACITY,
@@ -58,6 +58,9 @@ _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
 _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
+_LOCK_OWNER_START_Q = layout.LOCK_OWNER_START_Q
+_LOCK_OWNER_SCOPE_Q = layout.LOCK_OWNER_SCOPE_Q
+_LOCK_EPOCH_Q = layout.LOCK_EPOCH_Q
 
 
 class ShmSession(Session):
@@ -93,7 +96,11 @@ class ShmSession(Session):
             self._semaphore.acquire(self._lock_check_interval)
         except BusyError:
             self._lock.acquire_contended()
-        q[_LOCK_OWNER_Q] = CurrentPid.value
+        # RobustLock.record inlined: epoch, start, scope, then the pid completes it.
+        q[_LOCK_EPOCH_Q] = (q[_LOCK_EPOCH_Q] + 1) & 0xFFFFFFFFFFFFFFFF
+        q[_LOCK_OWNER_START_Q] = Identity.start
+        q[_LOCK_OWNER_SCOPE_Q] = Identity.scope
+        q[_LOCK_OWNER_Q] = Identity.pid
         try:
             if i[_STATE_I] != _RUNNING:
                 return False
@@ -105,6 +112,8 @@ class ShmSession(Session):
                 self._ring[position:end] = data
                 total += length
             else:
+                if faults.hook is not None:
+                    faults.hook("append.wrap")  # the slow path only: the fast one costs 0
                 total = ring.write(self._ring, capacity, total, data)
             q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
             if total > capacity:
@@ -157,6 +166,7 @@ class ShmSession(Session):
             completed = header.completed_at_us
             pid = header.producer_pid
             start_time = header.producer_start
+            scope = header.producer_scope
             waiters = header.waiters
         return SessionInfo(
             conversation_id=self.conversation_id,
@@ -167,7 +177,8 @@ class ShmSession(Session):
             started_at=started / 1e6,
             completed_at=completed / 1e6,
             producer_pid=pid,
-            producer_alive=process_alive(pid, start_time),
+            # Another pid namespace's producer cannot be proven dead: presumed alive.
+            producer_alive=liveness(pid, start_time, scope) is not Liveness.DEAD,
             waiters=waiters,
             metadata=header.metadata(),
         )
@@ -176,16 +187,17 @@ class ShmSession(Session):
         # The mapping stays valid after the name is unlinked (replace, evict): share it.
         return ShmSession(self.segment.retain(), self.conversation_id)
 
-    def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, int, int]:
-        """(state, completed_at_us, producer pid, producer start time), read together under
+    def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, Liveness, int]:
+        """(state, completed_at_us, producer liveness, producer pid), read together under
         the lock: what gc and reaping decide on. Raises LockTimeout after ``timeout``."""
         header = self.segment.header
         self._lock.acquire(timeout)
         try:
-            return (header.state, header.completed_at_us, header.producer_pid,
-                    header.producer_start)
+            state, completed = header.state, header.completed_at_us
+            pid, start, scope = header.producer_pid, header.producer_start, header.producer_scope
         finally:
             self._lock.release()
+        return state, completed, liveness(pid, start, scope), pid
 
     def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
         q, i, lock = self._q, self._i, self._lock
@@ -282,13 +294,13 @@ class ShmStore(SessionStore):
     def create_or_replace(self, conversation_id: str, metadata: dict | None = None) -> ShmSession:
         record = {**(metadata or {}), "id": conversation_id}  # the id always wins
         name = segment.segment_name(self.namespace, conversation_id)
-        pid = os.getpid()
         with flocked(self._registry_lock):
             replaced = self._retire(name, cancel=True)
             self._check_quota(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=self.capacity, metadata=record,
-                started_at_us=now_us(), producer_pid=pid, producer_start=process_start_time(pid),
+                started_at_us=now_us(), producer_pid=Identity.pid,
+                producer_start=Identity.start, producer_scope=Identity.scope,
             )
         log.info("session created id=%s replaced=%s", segment.short_hash(conversation_id),
                  "yes" if replaced else "no")
@@ -332,24 +344,28 @@ class ShmStore(SessionStore):
                              f"bytes, not {capacity}")
         record = {**(metadata or {}), "id": conversation_id}
         name = segment.segment_name(self.namespace, conversation_id)
+
+        def fill(header: layout.Header) -> None:
+            # Before the ready marker: a restorer killed midway leaves an unfinished
+            # object for gc, never a half-restored session others could open.
+            q, i = header.q, header.i
+            q[_TOTAL_Q] = dropped
+            for start in range(0, len(data), 64 * 1024):
+                q[_TOTAL_Q] = ring.write(header.ring, capacity, q[_TOTAL_Q],
+                                         data[start:start + 64 * 1024])
+                if faults.hook is not None:
+                    faults.hook("restore.chunk")
+            q[_DROPPED_Q] = dropped
+            q[_COMPLETED_AT_Q] = completed_at_us
+            i[_STATE_I] = state
+
         with flocked(self._registry_lock):
             self._retire(name, cancel=True)
             self._check_quota(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=capacity, metadata=record,
-                started_at_us=started_at_us, producer_pid=0, producer_start=0,
+                started_at_us=started_at_us, producer_pid=0, producer_start=0, fill=fill,
             )
-            try:
-                q, i = seg.header.q, seg.header.i
-                with seg.lock:  # filled before the registry lock lets anyone open it
-                    q[_TOTAL_Q] = ring.write(seg.header.ring, capacity, dropped, data)
-                    q[_DROPPED_Q] = dropped
-                    q[_COMPLETED_AT_Q] = completed_at_us
-                    i[_STATE_I] = state
-            except BaseException:
-                seg.close()
-                segment.unlink(name)
-                raise
         log.info("session restored id=%s", segment.short_hash(conversation_id))
         return ShmSession(seg, conversation_id)
 
@@ -357,6 +373,8 @@ class ShmStore(SessionStore):
         if self.max_sessions is None and self.max_shm_bytes is None:
             return
         names = segment.list_names(self.namespace)
+        if self.max_sessions is not None and len(names) >= self.max_sessions:
+            names = self._without_debris(names)
         if self.max_sessions is not None and len(names) >= self.max_sessions:
             raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
         if self.max_shm_bytes is not None:
@@ -370,6 +388,19 @@ class ShmStore(SessionStore):
                 raise StoreUnavailable(
                     f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
                 )
+
+    def _without_debris(self, names: list[str]) -> list[str]:
+        """``names`` minus unfinished objects, which are removed: under the exclusive
+        registry lock no creator is midway, so they can only be dead creators' debris and
+        must never fill a quota."""
+        kept = []
+        for name in names:
+            if segment.unfinished_age(name) is None:
+                kept.append(name)
+            else:
+                log.warning("removing unfinished segment %s (its creator died)", name)
+                segment.unlink(name)
+        return kept
 
     def _retire(self, name: str, cancel: bool) -> bool:
         """Finalize and unlink whatever lives at ``name``. Registry lock held exclusively.
@@ -473,86 +504,107 @@ class ShmStore(SessionStore):
         return found
 
     def gc(self, now: float | None = None) -> GCReport:
-        """One pass: expire, reap dead producers, free dead holders' locks, drop debris.
+        """One pass: drop debris, free dead holders' locks, reap dead producers, expire.
 
-        Runs under the registry lock (exclusive), so nothing is created meanwhile and an
-        unfinished segment can only be a dead creator's.
+        The registry lock is held exclusively only for steps that never wait on a session
+        lock (removing debris, unlinking a name that still refers to the segment examined),
+        so a stuck session lock never blocks other processes' opens and creates.
         """
         now = time.time() if now is None else now
         cutoff_us = int((now - self.ttl) * 1e6)
         report = GCReport()
         with flocked(self._registry_lock):
             for name in segment.list_names(self.namespace):
-                try:
-                    seg = segment.open_segment(self.namespace, name)
-                except CorruptSegment as exc:
-                    if exc.unfinished:
-                        log.warning("gc: removing unfinished segment %s: %s", name, exc)
-                        segment.unlink(name)
-                        report.corrupt_removed += 1
-                    continue
-                if seg is None:
-                    continue
-                session = ShmSession(seg, "")
-                try:
-                    self._collect(session, name, cutoff_us, report)
-                except LockTimeout:
-                    # Nobody can use this session again; its readers time out too.
-                    log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
+                age = segment.unfinished_age(name, now)
+                if age is not None and age >= segment.DEBRIS_GRACE:
+                    log.warning("gc: removing unfinished segment %s (%.0f s old)", name, age)
                     segment.unlink(name)
                     report.corrupt_removed += 1
-                finally:
-                    session.close()
             for name in segment.list_orphan_semaphores(self.namespace):
                 segment.unlink(name)
                 report.corrupt_removed += 1
+        if faults.hook is not None:
+            faults.hook("gc.debris-done")
+        for name in segment.list_names(self.namespace):
+            session = self._open_any(name)
+            if session is None:
+                continue
+            try:
+                self._collect(session, name, cutoff_us, report)
+            except LockTimeout:
+                # Nobody can use this session again; its readers time out too.
+                if self._unlink_if_current(session):
+                    log.error("gc: removed %s: its lock is stuck (a live holder hangs, or "
+                              "one of another pid namespace died)", name)
+                    report.corrupt_removed += 1
+            finally:
+                session.close()
         return report
+
+    def _open_any(self, name: str) -> ShmSession | None:
+        """Open ``name`` whatever id it stores (gc, reaping); None if gone or unusable."""
+        try:
+            with flocked(self._registry_lock, shared=True):
+                seg = segment.open_segment(self.namespace, name)
+        except CorruptSegment:
+            return None  # unfinished: gc removes it after its grace; foreign: not ours
+        return None if seg is None else ShmSession(seg, "")
+
+    def _unlink_if_current(self, session: ShmSession) -> bool:
+        """Unlink the session's name if it still refers to this session's segment (not
+        to a newer one created meanwhile). True if it did."""
+        with flocked(self._registry_lock):
+            if not session.segment.still_named():
+                return False
+            segment.unlink(session.segment.name)
+            return True
 
     def _collect(self, session: ShmSession, name: str, cutoff_us: int, report: GCReport):
         if session.segment.lock.release_if_dead_owner():
             report.locks_recovered += 1
-            log.warning("gc: released the lock of %s from dead pid", name)
-        state, completed, pid, start_time = session.lifecycle()
-        if state is State.RUNNING and not process_alive(pid, start_time):
+            log.warning("gc: released the lock of %s from a dead holder", name)
+        state, completed, producer, pid = session.lifecycle()
+        if state is State.RUNNING and producer is Liveness.DEAD:
             if session.finalize(State.ABORTED):
                 report.aborted += 1
                 log.warning("session aborted id=%s producer pid %d died (gc, segment %s)",
                             _id_tag(session), pid, name)
         elif state.is_terminal and completed <= cutoff_us:
             tag = _id_tag(session)
-            segment.unlink(name)
-            report.expired += 1
-            log.info("session expired id=%s state=%s ended %.0fs ago", tag, state.label,
-                     (cutoff_us - completed) / 1e6 + self.ttl)
-            return
+            if self._unlink_if_current(session):
+                report.expired += 1
+                log.info("session expired id=%s state=%s ended %.0fs ago", tag, state.label,
+                         (cutoff_us - completed) / 1e6 + self.ttl)
+                return
         report.kept += 1
 
     def abort_producers(self, pids: Iterable[int] | None = None) -> int:
         """Finalize as ``aborted`` the running sessions whose producer process is dead
-        (``pids`` None), or is one of ``pids`` (a worker that died or is being stopped);
-        release locks held by dead processes on the way. Returns how many were aborted.
+        (``pids`` None), or is one of ``pids`` of our pid namespace (a worker that died or
+        is being stopped); release locks held by dead processes on the way. A producer of
+        another pid namespace is never judged dead here. Returns how many were aborted.
 
         Cheaper than :meth:`gc`: it takes the registry lock only to open each segment.
         """
         targets = None if pids is None else set(pids)
         aborted = 0
         for name in segment.list_names(self.namespace):
-            session = self._open(name, None)
+            session = self._open_any(name)
             if session is None:
                 continue
             try:
                 session.segment.lock.release_if_dead_owner()
                 try:
-                    state, _, pid, start_time = session.lifecycle(REAP_LOCK_TIMEOUT)
+                    state, _, producer, pid = session.lifecycle(REAP_LOCK_TIMEOUT)
                 except LockTimeout:
                     log.error("segment %s: lock stuck; left to gc", name)
                     continue
                 if state is not State.RUNNING:
                     continue
                 if targets is None:
-                    doomed = not process_alive(pid, start_time)
+                    doomed = producer is Liveness.DEAD
                 else:
-                    doomed = pid in targets
+                    doomed = pid in targets and producer is not Liveness.UNKNOWN
                 if doomed and session.finalize(State.ABORTED):
                     aborted += 1
                     log.warning("session aborted id=%s producer pid %d %s (segment %s)",
