@@ -10,7 +10,7 @@ A segment is one POSIX shared-memory object::
     +--------+--------+--------+--------+--------+--------+--------+--------+
     | producer_start  | lock_owner_pid  | futex  |waiters |meta_len|ring_off|  64
     +--------+--------+--------+--------+--------+--------+--------+--------+
-    |lock_owner_start |lock_owner_scope | producer_scope  |   lock_epoch    |  96
+    |   lock_stamp    |lock_owner_scope | producer_scope  |    write_end    |  96
     +--------+--------+--------+--------+--------+--------+--------+--------+
     | metadata: one msgpack map (conversation id, model, ...), meta_len B  | 128
     +-----------------------------------------------------------------------+
@@ -29,10 +29,13 @@ A segment is one POSIX shared-memory object::
 - ``producer_pid`` + ``producer_start`` (the kernel's start time of that process, in clock
   ticks since boot) identify the producing process without pid-reuse ambiguity.
 - ``lock_owner_pid`` is the process holding the segment's semaphore, 0 when it is free or
-  between a holder's semaphore call and its record; with ``lock_owner_start`` and
-  ``lock_owner_scope`` it lets a waiter recover the lock from a holder that died.
-  ``lock_epoch`` counts holds, so a waiter can tell one long hold from several short ones
-  (see :class:`shmstream.shm.sync.RobustLock`).
+  between a holder's semaphore call and its record; with ``lock_stamp`` (the holder's
+  start time << 24 | a 24-bit count of holds, one store) and ``lock_owner_scope`` it lets
+  a waiter recover the lock from a holder that died, and tell one long hold from several
+  short ones (see :class:`shmstream.shm.sync.RobustLock`).
+- ``write_end`` is the stream offset an append in progress writes up to, stored before
+  the copy: bytes below ``write_end - capacity`` may already be overwritten, so they are
+  lost even if the appender died before publishing ``total``.
 - ``producer_scope`` and ``lock_owner_scope`` name the boot and pid namespace of those pids
   (:func:`shmstream.store.procs.scope_id`): a pid of another container is never judged by
   our ``/proc``.
@@ -86,10 +89,10 @@ FUTEX_OFFSET = _field(4)
 WAITERS_OFFSET = _field(4)
 META_LENGTH_OFFSET = _field(4)
 RING_OFFSET_OFFSET = _field(4)
-LOCK_OWNER_START_OFFSET = _field(8)
+LOCK_STAMP_OFFSET = _field(8)
 LOCK_OWNER_SCOPE_OFFSET = _field(8)
 PRODUCER_SCOPE_OFFSET = _field(8)
-LOCK_EPOCH_OFFSET = _field(8)
+WRITE_END_OFFSET = _field(8)
 HEADER_SIZE = 128
 META_OFFSET = HEADER_SIZE
 assert _position <= HEADER_SIZE
@@ -105,12 +108,12 @@ COMPLETED_AT_Q = COMPLETED_AT_OFFSET // 8
 PRODUCER_PID_Q = PRODUCER_PID_OFFSET // 8
 PRODUCER_START_Q = PRODUCER_START_OFFSET // 8
 LOCK_OWNER_Q = LOCK_OWNER_OFFSET // 8
-LOCK_OWNER_START_Q = LOCK_OWNER_START_OFFSET // 8
+LOCK_STAMP_Q = LOCK_STAMP_OFFSET // 8
 LOCK_OWNER_SCOPE_Q = LOCK_OWNER_SCOPE_OFFSET // 8
 PRODUCER_SCOPE_Q = PRODUCER_SCOPE_OFFSET // 8
-LOCK_EPOCH_Q = LOCK_EPOCH_OFFSET // 8
+WRITE_END_Q = WRITE_END_OFFSET // 8
 # The lock's record, in the order RobustLock takes its indexes.
-LOCK_FIELDS_Q = (LOCK_OWNER_Q, LOCK_OWNER_START_Q, LOCK_OWNER_SCOPE_Q, LOCK_EPOCH_Q)
+LOCK_FIELDS_Q = (LOCK_OWNER_Q, LOCK_STAMP_Q, LOCK_OWNER_SCOPE_Q)
 STATE_I = STATE_OFFSET // 4
 FLAGS_I = FLAGS_OFFSET // 4
 FUTEX_I = FUTEX_OFFSET // 4
@@ -205,6 +208,7 @@ class Header:
         q[PRODUCER_SCOPE_Q] = producer_scope
         for index in LOCK_FIELDS_Q:
             q[index] = 0
+        q[WRITE_END_Q] = 0
         i[FUTEX_I] = 0
         i[WAITERS_I] = 0
         i[META_LENGTH_I] = meta_length
@@ -301,8 +305,8 @@ class Header:
         return self.q[LOCK_OWNER_Q]
 
     @property
-    def lock_owner_start(self) -> int:
-        return self.q[LOCK_OWNER_START_Q]
+    def lock_stamp(self) -> int:
+        return self.q[LOCK_STAMP_Q]
 
     @property
     def lock_owner_scope(self) -> int:
@@ -313,8 +317,8 @@ class Header:
         return self.q[PRODUCER_SCOPE_Q]
 
     @property
-    def lock_epoch(self) -> int:
-        return self.q[LOCK_EPOCH_Q]
+    def write_end(self) -> int:
+        return self.q[WRITE_END_Q]
 
     @property
     def futex_word(self) -> int:

@@ -19,15 +19,17 @@ from posix_ipc import BusyError
 from shmstream.shm import layout, segment
 from shmstream.shm.layout import FLAG_CANCEL, CorruptSegment
 from shmstream.shm.sync import (
+    EPOCH_MASK,
     STUCK_LOCK_TIMEOUT,
     Identity,
     Liveness,
     LockTimeout,
+    OwnerStamp,
     flocked,
     liveness,
 )
 from shmstream.store import faults, ring
-from shmstream.store.errors import InvalidConversationId, StoreUnavailable
+from shmstream.store.errors import InvalidConversationId, OffsetLost, StoreUnavailable
 from shmstream.store.interface import (
     DEFAULT_CAPACITY,
     DEFAULT_TTL,
@@ -58,9 +60,15 @@ _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
 _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
-_LOCK_OWNER_START_Q = layout.LOCK_OWNER_START_Q
+_LOCK_STAMP_Q = layout.LOCK_STAMP_Q
 _LOCK_OWNER_SCOPE_Q = layout.LOCK_OWNER_SCOPE_Q
-_LOCK_EPOCH_Q = layout.LOCK_EPOCH_Q
+_WRITE_END_Q = layout.WRITE_END_Q
+
+
+def _held_from(total: int, write_end: int, capacity: int) -> int:
+    """The oldest stream offset still held intact: an append that started (``write_end``
+    stored) may have overwritten up to ``write_end - capacity`` before publishing."""
+    return max(0, min(max(total, write_end) - capacity, total))
 
 
 class ShmSession(Session):
@@ -96,9 +104,8 @@ class ShmSession(Session):
             self._semaphore.acquire(self._lock_check_interval)
         except BusyError:
             self._lock.acquire_contended()
-        # RobustLock.record inlined: epoch, start, scope, then the pid completes it.
-        q[_LOCK_EPOCH_Q] = (q[_LOCK_EPOCH_Q] + 1) & 0xFFFFFFFFFFFFFFFF
-        q[_LOCK_OWNER_START_Q] = Identity.start
+        # RobustLock.record inlined: stamp, scope, then the pid completes the record.
+        q[_LOCK_STAMP_Q] = OwnerStamp.base | ((q[_LOCK_STAMP_Q] + 1) & EPOCH_MASK)
         q[_LOCK_OWNER_SCOPE_Q] = Identity.scope
         q[_LOCK_OWNER_Q] = Identity.pid
         try:
@@ -106,17 +113,23 @@ class ShmSession(Session):
                 return False
             capacity = self._capacity
             total = q[_TOTAL_Q]
+            if total + length > capacity:
+                # The copy overwrites the oldest held bytes: declare them lost first, so
+                # an appender killed before it publishes `total` leaves no altered byte
+                # held (and an unlocked reader of total, then dropped, sees a valid pair).
+                q[_WRITE_END_Q] = total + length
+                q[_DROPPED_Q] = min(total + length - capacity, total)
             position = total % capacity
             end = position + length
             if end <= capacity:
                 self._ring[position:end] = data
                 total += length
             else:
-                if faults.hook is not None:
-                    faults.hook("append.wrap")  # the slow path only: the fast one costs 0
                 total = ring.write(self._ring, capacity, total, data)
+                if faults.hook is not None:  # the slow path only: the fast one costs 0
+                    faults.hook("append.wrapped-unpublished")
             q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
-            if total > capacity:
+            if length > capacity:  # more than the ring: only its last `capacity` bytes held
                 q[_DROPPED_Q] = total - capacity
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
@@ -161,7 +174,8 @@ class ShmSession(Session):
         with self._lock:
             state = header.state
             total = header.total
-            dropped = header.dropped
+            dropped = max(header.dropped,
+                          _held_from(total, header.write_end, header.capacity))
             started = header.started_at_us
             completed = header.completed_at_us
             pid = header.producer_pid
@@ -205,6 +219,8 @@ class ShmSession(Session):
         try:
             total = q[_TOTAL_Q]
             finished = i[_STATE_I] != _RUNNING
+            if offset < _held_from(total, q[_WRITE_END_Q], self._capacity):
+                raise OffsetLost()  # overwritten by an append whose appender died midway
             chunk = ring.read(self._ring, self._capacity, total, offset, limit)
             if not chunk and not finished:
                 # The ticket matches this `total`: any later publish moves the word.
