@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterable
 from time import perf_counter_ns
 
@@ -23,7 +22,6 @@ from shmstream.shm.sync import (
     STUCK_LOCK_TIMEOUT,
     Identity,
     Liveness,
-    LockTimeout,
     OwnerStamp,
     flocked,
     liveness,
@@ -273,15 +271,6 @@ class ShmSession(Session):
             self.segment.close()
 
 
-def _id_tag(session: ShmSession) -> str:
-    """The log handle of a session opened without its id (gc): the stored id's hash."""
-    try:
-        stored = session.segment.header.metadata().get("id")
-    except CorruptSegment:
-        return "unknown"
-    return segment.short_hash(stored) if isinstance(stored, str) else "unknown"
-
-
 class ShmStore(SessionStore):
     """Sessions in POSIX shared memory under one namespace; safe across processes and
     threads. Construct one per process (it holds no shared state of its own)."""
@@ -521,114 +510,16 @@ class ShmStore(SessionStore):
 
     def gc(self, now: float | None = None) -> GCReport:
         """One pass: drop debris, free dead holders' locks, reap dead producers, expire.
+        See :func:`shmstream.shm.upkeep.gc`."""
+        from shmstream.shm import upkeep  # it builds on this module
 
-        The registry lock is held exclusively only for steps that never wait on a session
-        lock (removing debris, unlinking a name that still refers to the segment examined),
-        so a stuck session lock never blocks other processes' opens and creates.
-        """
-        now = time.time() if now is None else now
-        cutoff_us = int((now - self.ttl) * 1e6)
-        report = GCReport()
-        with flocked(self._registry_lock):
-            for name in segment.list_names(self.namespace):
-                age = segment.unfinished_age(name, now)
-                if age is not None and age >= segment.DEBRIS_GRACE:
-                    log.warning("gc: removing unfinished segment %s (%.0f s old)", name, age)
-                    segment.unlink(name)
-                    report.corrupt_removed += 1
-            for name in segment.list_orphan_semaphores(self.namespace):
-                segment.unlink(name)
-                report.corrupt_removed += 1
-        if faults.hook is not None:
-            faults.hook("gc.debris-done")
-        for name in segment.list_names(self.namespace):
-            session = self._open_any(name)
-            if session is None:
-                continue
-            try:
-                self._collect(session, name, cutoff_us, report)
-            except LockTimeout:
-                # Nobody can use this session again; its readers time out too.
-                if self._unlink_if_current(session):
-                    log.error("gc: removed %s: its lock is stuck (a live holder hangs, or "
-                              "one of another pid namespace died)", name)
-                    report.corrupt_removed += 1
-            finally:
-                session.close()
-        return report
-
-    def _open_any(self, name: str) -> ShmSession | None:
-        """Open ``name`` whatever id it stores (gc, reaping); None if gone or unusable."""
-        try:
-            with flocked(self._registry_lock, shared=True):
-                seg = segment.open_segment(self.namespace, name)
-        except CorruptSegment:
-            return None  # unfinished: gc removes it after its grace; foreign: not ours
-        return None if seg is None else ShmSession(seg, "")
-
-    def _unlink_if_current(self, session: ShmSession) -> bool:
-        """Unlink the session's name if it still refers to this session's segment (not
-        to a newer one created meanwhile). True if it did."""
-        with flocked(self._registry_lock):
-            if not session.segment.still_named():
-                return False
-            segment.unlink(session.segment.name)
-            return True
-
-    def _collect(self, session: ShmSession, name: str, cutoff_us: int, report: GCReport):
-        if session.segment.lock.release_if_dead_owner():
-            report.locks_recovered += 1
-            log.warning("gc: released the lock of %s from a dead holder", name)
-        state, completed, producer, pid = session.lifecycle()
-        if state is State.RUNNING and producer is Liveness.DEAD:
-            if session.finalize(State.ABORTED):
-                report.aborted += 1
-                log.warning("session aborted id=%s producer pid %d died (gc, segment %s)",
-                            _id_tag(session), pid, name)
-        elif state.is_terminal and completed <= cutoff_us:
-            tag = _id_tag(session)
-            if self._unlink_if_current(session):
-                report.expired += 1
-                log.info("session expired id=%s state=%s ended %.0fs ago", tag, state.label,
-                         (cutoff_us - completed) / 1e6 + self.ttl)
-                return
-        report.kept += 1
+        return upkeep.gc(self, now)
 
     def abort_producers(self, pids: Iterable[int] | None = None) -> int:
-        """Finalize as ``aborted`` the running sessions whose producer process is dead
-        (``pids`` None), or is one of ``pids`` of our pid namespace (a worker that died or
-        is being stopped); release locks held by dead processes on the way. A producer of
-        another pid namespace is never judged dead here. Returns how many were aborted.
+        """See :func:`shmstream.shm.upkeep.abort_producers`."""
+        from shmstream.shm import upkeep
 
-        Cheaper than :meth:`gc`: it takes the registry lock only to open each segment.
-        """
-        targets = None if pids is None else set(pids)
-        aborted = 0
-        for name in segment.list_names(self.namespace):
-            session = self._open_any(name)
-            if session is None:
-                continue
-            try:
-                session.segment.lock.release_if_dead_owner()
-                try:
-                    state, _, producer, pid = session.lifecycle(REAP_LOCK_TIMEOUT)
-                except LockTimeout:
-                    log.error("segment %s: lock stuck; left to gc", name)
-                    continue
-                if state is not State.RUNNING:
-                    continue
-                if targets is None:
-                    doomed = producer is Liveness.DEAD
-                else:
-                    doomed = pid in targets and producer is not Liveness.UNKNOWN
-                if doomed and session.finalize(State.ABORTED):
-                    aborted += 1
-                    log.warning("session aborted id=%s producer pid %d %s (segment %s)",
-                                _id_tag(session), pid,
-                                "died" if targets is None else "stopped", name)
-            finally:
-                session.close()
-        return aborted
+        return upkeep.abort_producers(self, pids)
 
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""
