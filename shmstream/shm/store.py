@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 
 from posix_ipc import BusyError
 
 from shmstream.shm import layout, segment
-from shmstream.shm.layout import FLAG_CANCEL, CorruptSegment
+from shmstream.shm.layout import FLAG_CANCEL, FLAG_RING_CAPPED, CorruptSegment
+from shmstream.shm.quota import Quota, pages
 from shmstream.shm.sync import (
     EPOCH_MASK,
     STUCK_LOCK_TIMEOUT,
@@ -27,7 +28,7 @@ from shmstream.shm.sync import (
     liveness,
 )
 from shmstream.store import faults, ring
-from shmstream.store.errors import InvalidConversationId, OffsetLost, StoreUnavailable
+from shmstream.store.errors import InvalidConversationId, OffsetLost
 from shmstream.store.interface import (
     DEFAULT_CAPACITY,
     DEFAULT_TTL,
@@ -53,7 +54,8 @@ _RUNNING = State.RUNNING
 _STATE_I = layout.STATE_I
 _FLAGS_I = layout.FLAGS_I
 _TOTAL_Q = layout.TOTAL_Q
-_DROPPED_Q = layout.DROPPED_Q
+_ALLOCATED_Q = layout.ALLOCATED_Q
+_CAPACITY_Q = layout.CAPACITY_Q
 _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
@@ -72,14 +74,16 @@ def _held_from(total: int, write_end: int, capacity: int) -> int:
 class ShmSession(Session):
     """A handle on one mapped segment. Not thread-safe: one handle per thread."""
 
-    def __init__(self, seg: segment.Segment, conversation_id: str):
+    def __init__(self, seg: segment.Segment, conversation_id: str,
+                 may_grow: Callable[[int], int] | None = None):
         self.conversation_id = conversation_id
         self.segment = seg
+        self._may_grow = may_grow  # extra bytes -> how many the quota lets the ring grow
         header = seg.header
         self._q = header.q
         self._i = header.i
         self._ring = header.ring
-        self._capacity = header.capacity
+        self._at_cap = False  # allocated reached capacity: never grows again
         self._lock = seg.lock
         self._semaphore = seg.semaphore
         self._lock_check_interval = seg.lock.check_interval
@@ -109,14 +113,15 @@ class ShmSession(Session):
         try:
             if i[_STATE_I] != _RUNNING:
                 return False
-            capacity = self._capacity
             total = q[_TOTAL_Q]
+            if not self._at_cap and total + length > q[_ALLOCATED_Q]:
+                self._make_room(total + length)
+            capacity = q[_CAPACITY_Q]
             if total + length > capacity:
                 # The copy overwrites the oldest held bytes: declare them lost first, so
                 # an appender killed before it publishes `total` leaves no altered byte
-                # held (and an unlocked reader of total, then dropped, sees a valid pair).
+                # held (see _held_from).
                 q[_WRITE_END_Q] = total + length
-                q[_DROPPED_Q] = min(total + length - capacity, total)
             position = total % capacity
             end = position + length
             if end <= capacity:
@@ -127,8 +132,6 @@ class ShmSession(Session):
                 if faults.hook is not None:  # the slow path only: the fast one costs 0
                     faults.hook("append.wrapped-unpublished")
             q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
-            if length > capacity:  # more than the ring: only its last `capacity` bytes held
-                q[_DROPPED_Q] = total - capacity
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
             if waiters:
@@ -139,6 +142,16 @@ class ShmSession(Session):
         if waiters:
             self._doorbell.ring()
         return True
+
+    def _make_room(self, needed: int) -> None:
+        """Lock held: grow the ring for bytes up to ``needed``, or cap it (Segment.make_room);
+        a capped session streams on inside the ring it has, dropping from the front."""
+        reason = self.segment.make_room(needed, self._may_grow)
+        if reason is not None:
+            log.warning("session id=%s: ring capped at %d bytes, it cannot grow (%s); it "
+                        "keeps streaming, dropping its oldest bytes",
+                        segment.short_hash(self.conversation_id), self._q[_CAPACITY_Q], reason)
+        self._at_cap = self._q[_ALLOCATED_Q] >= self._q[_CAPACITY_Q]
 
     def _finish(self, state: State, cancel: bool) -> bool:
         if state is _RUNNING:
@@ -169,11 +182,13 @@ class ShmSession(Session):
     # --- reading --------------------------------------------------------------------------
     def info(self) -> SessionInfo:
         header = self.segment.header
-        with self._lock:
+        with self._lock:  # fields read together, never combined with unlocked reads
             state = header.state
             total = header.total
-            dropped = max(header.dropped,
-                          _held_from(total, header.write_end, header.capacity))
+            capacity = header.capacity
+            write_end = header.write_end
+            allocated = header.allocated
+            capped = bool(header.flags & FLAG_RING_CAPPED)
             started = header.started_at_us
             completed = header.completed_at_us
             pid = header.producer_pid
@@ -184,8 +199,8 @@ class ShmSession(Session):
             conversation_id=self.conversation_id,
             state=state,
             total_bytes=total,
-            dropped_bytes=dropped,
-            capacity=header.capacity,
+            dropped_bytes=_held_from(total, write_end, capacity),
+            capacity=capacity,
             started_at=started / 1e6,
             completed_at=completed / 1e6,
             producer_pid=pid,
@@ -193,11 +208,13 @@ class ShmSession(Session):
             producer_alive=liveness(pid, start_time, scope) is not Liveness.DEAD,
             waiters=waiters,
             metadata=header.metadata(),
+            allocated_bytes=pages(header.ring_offset + allocated),
+            ring_capped=capped,
         )
 
     def reopen(self) -> ShmSession:
         # The mapping stays valid after the name is unlinked (replace, evict): share it.
-        return ShmSession(self.segment.retain(), self.conversation_id)
+        return ShmSession(self.segment.retain(), self.conversation_id, self._may_grow)
 
     def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, Liveness, int]:
         """(state, completed_at_us, producer liveness, producer pid), read together under
@@ -217,9 +234,10 @@ class ShmSession(Session):
         try:
             total = q[_TOTAL_Q]
             finished = i[_STATE_I] != _RUNNING
-            if offset < _held_from(total, q[_WRITE_END_Q], self._capacity):
+            capacity = q[_CAPACITY_Q]
+            if offset < _held_from(total, q[_WRITE_END_Q], capacity):
                 raise OffsetLost()  # overwritten by an append whose appender died midway
-            chunk = ring.read(self._ring, self._capacity, total, offset, limit)
+            chunk = ring.read(self._ring, capacity, total, offset, limit)
             if not chunk and not finished:
                 # The ticket matches this `total`: any later publish moves the word.
                 self._ticket = i[_FUTEX_I]
@@ -291,6 +309,8 @@ class ShmStore(SessionStore):
         self.max_sessions = max_sessions
         self.max_shm_bytes = max_shm_bytes
         self._registry_lock = segment.registry_lock_path(namespace)
+        self._quota = Quota(self.namespace, max_sessions, max_shm_bytes, capacity)
+        self._may_grow = None if max_shm_bytes is None else self._quota.allows_growth
 
     def __repr__(self) -> str:
         return f"ShmStore(namespace={self.namespace!r}, capacity={self.capacity})"
@@ -301,7 +321,7 @@ class ShmStore(SessionStore):
         name = segment.segment_name(self.namespace, conversation_id)
         with flocked(self._registry_lock):
             replaced = self._retire(name, cancel=True)
-            self._check_quota(conversation_id)
+            self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=self.capacity, metadata=record,
                 started_at_us=now_us(), producer_pid=Identity.pid,
@@ -309,7 +329,7 @@ class ShmStore(SessionStore):
             )
         log.info("session created id=%s replaced=%s", segment.short_hash(conversation_id),
                  "yes" if replaced else "no")
-        session = ShmSession(seg, conversation_id)
+        session = ShmSession(seg, conversation_id, self._may_grow)
         session.replaced = replaced
         return session
 
@@ -360,52 +380,19 @@ class ShmStore(SessionStore):
                                          data[start:start + 64 * 1024])
                 if faults.hook is not None:
                     faults.hook("restore.chunk")
-            q[_DROPPED_Q] = dropped
             q[_COMPLETED_AT_Q] = completed_at_us
             i[_STATE_I] = state
 
         with flocked(self._registry_lock):
             self._retire(name, cancel=True)
-            self._check_quota(conversation_id)
+            self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=capacity, metadata=record,
-                started_at_us=started_at_us, producer_pid=0, producer_start=0, fill=fill,
+                started_at_us=started_at_us, producer_pid=0, producer_start=0,
+                reserve=min(total, capacity), fill=fill,
             )
         log.info("session restored id=%s", segment.short_hash(conversation_id))
-        return ShmSession(seg, conversation_id)
-
-    def _check_quota(self, conversation_id: str) -> None:
-        if self.max_sessions is None and self.max_shm_bytes is None:
-            return
-        names = segment.list_names(self.namespace)
-        if self.max_sessions is not None and len(names) >= self.max_sessions:
-            names = self._without_debris(names)
-        if self.max_sessions is not None and len(names) >= self.max_sessions:
-            raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
-        if self.max_shm_bytes is not None:
-            used = 0
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):
-                    used += os.stat(os.path.join(segment.SHM_DIR, name)).st_size
-            record = layout.encode_metadata({"id": conversation_id})
-            needed = layout.segment_size(len(record) + 64, self.capacity)
-            if used + needed > self.max_shm_bytes:
-                raise StoreUnavailable(
-                    f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
-                )
-
-    def _without_debris(self, names: list[str]) -> list[str]:
-        """``names`` minus unfinished objects, which are removed: under the exclusive
-        registry lock no creator is midway, so they can only be dead creators' debris and
-        must never fill a quota."""
-        kept = []
-        for name in names:
-            if segment.unfinished_age(name) is None:
-                kept.append(name)
-            else:
-                log.warning("removing unfinished segment %s (its creator died)", name)
-                segment.unlink(name)
-        return kept
+        return ShmSession(seg, conversation_id, self._may_grow)
 
     def _retire(self, name: str, cancel: bool) -> bool:
         """Finalize and unlink whatever lives at ``name``. Registry lock held exclusively.
@@ -417,7 +404,7 @@ class ShmStore(SessionStore):
             seg = segment.open_segment(self.namespace, name)
         except CorruptSegment as exc:
             log.warning("removing unusable segment %s: %s", name, exc)
-            segment.unlink(name)
+            segment.retire(self.namespace, name)
             return False
         if seg is None:
             return False
@@ -428,8 +415,8 @@ class ShmStore(SessionStore):
             else:
                 session.finalize(State.DONE)
         finally:
-            segment.unlink(name)
-            session.close()
+            session.close()  # first: our own mapping would keep it "in use"
+            segment.retire(self.namespace, name)
         return True
 
     # --- finding --------------------------------------------------------------------------
@@ -453,7 +440,7 @@ class ShmStore(SessionStore):
                                            and stored != conversation_id):
             seg.close()  # a hash collision or a foreign record: not this session
             return None
-        return ShmSession(seg, stored)
+        return ShmSession(seg, stored, self._may_grow)
 
     def get(self, conversation_id: str) -> ShmSession | None:
         name = segment.segment_name(self.namespace, conversation_id)
@@ -486,7 +473,11 @@ class ShmStore(SessionStore):
             requested.append(conversation_id)
         if not requested:
             return []
-        names = [n for n in segment.list_names(self.namespace) if segment.prefix_of(n) in prefixes]
+        # The index, not a listing of /dev/shm: a few entries per prefix, whatever the
+        # number of sessions; exact ids by name too (a creator may have died unindexed).
+        names = sorted({name for prefix in prefixes
+                        for name in segment.indexed_names(self.namespace, prefix)}
+                       | {segment.segment_name(self.namespace, rid) for rid in requested})
         return [
             info for info in self._infos(names)
             if any(matches_lookup(info.conversation_id, rid) for rid in requested)
@@ -521,16 +512,13 @@ class ShmStore(SessionStore):
 
         return upkeep.abort_producers(self, pids)
 
+    def allocated_bytes(self) -> int:
+        return segment.namespace_allocated_bytes(self.namespace)
+
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""
-        removed = 0
         with flocked(self._registry_lock):
-            for name in segment.list_names(self.namespace):
-                segment.unlink(name)
-                removed += 1
-            for name in segment.list_orphan_semaphores(self.namespace):
-                segment.unlink(name)
-                removed += 1
+            removed = segment.purge(self.namespace)
         for path in (segment.recovery_lock_path(self.namespace), self._registry_lock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -8,6 +8,7 @@ session lock never blocks other processes' opens and creates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -33,19 +34,25 @@ def gc(store: ShmStore, now: float | None = None) -> GCReport:
     now = time.time() if now is None else now
     cutoff_us = int((now - store.ttl) * 1e6)
     report = GCReport()
-    with flocked(segment.registry_lock_path(store.namespace)):
-        for name in segment.list_names(store.namespace):
+    registry = segment.registry_lock_path(store.namespace)
+    names = segment.list_names(store.namespace)
+    for name in names:  # the registry lock per segment: get() never waits for a whole pass
+        with flocked(registry):
             age = segment.unfinished_age(name, now)
             if age is not None and age >= segment.DEBRIS_GRACE:
                 log.warning("gc: removing unfinished segment %s (%.0f s old)", name, age)
-                segment.unlink(name)
+                segment.retire(store.namespace, name)
                 report.corrupt_removed += 1
+            elif age is None and not segment.is_indexed(store.namespace, name):
+                with contextlib.suppress(FileNotFoundError):  # its creator died before
+                    segment.add_to_index(store.namespace, name)  # indexing it
+    with flocked(registry):
         for name in segment.list_orphan_semaphores(store.namespace):
             segment.unlink(name)
             report.corrupt_removed += 1
     if faults.hook is not None:
         faults.hook("gc.debris-done")
-    for name in segment.list_names(store.namespace):
+    for name in names:
         session = open_any(store, name)
         if session is None:
             continue
@@ -59,7 +66,12 @@ def gc(store: ShmStore, now: float | None = None) -> GCReport:
                 report.corrupt_removed += 1
         finally:
             session.close()
+    with flocked(registry):
+        freed = segment.collect_retired(store.namespace)
+    if freed:
+        log.info("gc: freed %d replaced or removed segments no process maps any more", freed)
     return report
+
 
 def open_any(store: ShmStore, name: str) -> ShmSession | None:
     """Open ``name`` whatever id it stores (gc, reaping); None if gone or unusable."""
@@ -70,13 +82,14 @@ def open_any(store: ShmStore, name: str) -> ShmSession | None:
         return None  # unfinished: gc removes it after its grace; foreign: not ours
     return None if seg is None else ShmSession(seg, "")
 
+
 def unlink_if_current(store: ShmStore, session: ShmSession) -> bool:
-    """Unlink the session's name if it still refers to this session's segment (not
-    to a newer one created meanwhile). True if it did."""
+    """Retire the session's name if it still refers to this session's segment (not to a
+    newer one created meanwhile). True if it did."""
     with flocked(segment.registry_lock_path(store.namespace)):
         if not session.segment.still_named():
             return False
-        segment.unlink(session.segment.name)
+        segment.retire(store.namespace, session.segment.name)
         return True
 
 def _collect(store: ShmStore, session: ShmSession, name: str, cutoff_us: int,
