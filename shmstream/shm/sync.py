@@ -264,6 +264,7 @@ class RobustLock:
         with flocked(self._guard_path):
             try:
                 self._semaphore.acquire(0)  # freed while we queued for the guard
+                self.record()
                 return True
             except posix_ipc.BusyError:
                 pass
