@@ -67,10 +67,7 @@ def lookup_prefixes(namespace: str, conversation_id: str) -> set[str]:
     session live. Usually one; two when the id ends in ``:`` and has no ``::`` of its
     own, since then ``<id>::model`` splits one byte earlier (``a:`` -> ``a:::m``, base
     ``a``)."""
-    raw = encode_id(conversation_id)
-    bases = {base_id(raw)}
-    if raw.endswith(b":") and b"::" not in raw:
-        bases.add(raw[:-1])
+    bases = ids.lookup_bases(encode_id(conversation_id))
     return {f"{namespace}.{ids.digest(base, _BASE_HASH_HEX)}" for base in bases}
 
 
