@@ -1,27 +1,34 @@
-"""The Falcon app in-process: every row of PROTOCOL.md's tables with exact bodies, both URL
-forms, the completion relay, the transparent proxy, errors, the API key and the demo.
+"""The Falcon ASGI app in-process: every row of PROTOCOL.md's tables with exact bodies, both
+URL forms, the completion hand-off to a relay, the transparent proxy, errors, the API key and
+the demo.
 
-Non-streaming answers go through ``falcon.testing``; live streams are WSGI calls whose
-iterator the test drives and closes (``simulate_get`` would wait for the end)."""
+Requests are ASGI calls as a server makes them (tests/asgi_client.py): whole answers through
+``harness.client``, live streams through ``harness.open`` whose chunks the test reads one by
+one and whose client it can make disconnect. Completions go to a real
+:class:`~shmstream.relay.local.LocalRelay` over its unix socket."""
 
 from __future__ import annotations
 
-import io
+import asyncio
+import contextlib
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-import falcon.testing
 import pytest
+from asgi_client import AsgiClient
+from polling import wait_for, wait_until
 from sse_upstream import InThreadUpstream, expected_body
 
 from shmstream.config import Settings
 from shmstream.http.app import create_app
-from shmstream.relay.demo import DEMO_MODEL, DemoUpstream, demo_words
-from shmstream.relay.upstream import PING, HttpUpstream, Relay
+from shmstream.relay.client import HttpAsyncUpstream
+from shmstream.relay.demo import DEMO_MODEL, AsyncDemoUpstream, demo_words
+from shmstream.relay.local import LocalRelay
+from shmstream.relay.upstream import PING
+from shmstream.shm import waiter
 from shmstream.shm.store import ShmStore
 from shmstream.store.states import State
 
@@ -44,13 +51,14 @@ def upstream_server():
 
 
 class Harness:
-    def __init__(self, store: ShmStore, settings: Settings, upstream):
+    def __init__(self, store, settings: Settings, upstream, relay_upstream=None):
         self.store = store
         self.settings = settings
         self.upstream = upstream
-        self.relay = Relay(store, upstream, settings.ping_interval)
-        self.app = create_app(store, settings, upstream, relay=self.relay)
-        self.client = falcon.testing.TestClient(self.app)
+        self.relay = LocalRelay(store, relay_upstream or upstream_for(settings, upstream),
+                                settings.ping_interval).start()
+        self.app = create_app(store, settings, upstream, self.relay.client())
+        self.client = AsgiClient(self.app)
 
     def session(self, conversation_id: str, data: bytes = b"", state: State | None = None):
         session = self.store.create_or_replace(conversation_id)
@@ -59,26 +67,24 @@ class Harness:
             session.finalize(state)
         return session
 
-    def wsgi(self, method: str, raw_uri: str, headers: dict | None = None, body: bytes = b"",
-             **environ):
-        """Call the app like gunicorn does: RAW_URI as sent, PATH_INFO decoded."""
-        path, _, query = raw_uri.partition("?")
-        env = falcon.testing.create_environ(method=method, path=path, query_string=query,
-                                            headers=headers, body=body)
-        env["RAW_URI"] = raw_uri
-        env.update(environ)
-        started = {}
-
-        def start_response(status, response_headers, exc_info=None):
-            started["status"] = status
-            started["headers"] = response_headers
-
-        iterable = self.app(env, start_response)
-        return started["status"], dict((k.lower(), v) for k, v in started["headers"]), iterable
+    def open(self, method: str, raw_uri: str, headers: dict | None = None, body: bytes = b"",
+             **options):
+        """A live call whose answer has started (``.status``, ``.headers``, ``.next()``)."""
+        return self.client.open(method, raw_uri, headers, body, **options).wait_started()
 
     def close(self) -> None:
-        self.relay.watcher.shutdown()
-        self.upstream.close()
+        with contextlib.suppress(Exception):  # the app's pooled client lives on its loop
+            asyncio.run_coroutine_threadsafe(self.upstream.aclose(),
+                                             self.client.loop).result(5)
+        self.client.close()
+        self.relay.stop()
+
+
+def upstream_for(settings: Settings, upstream):
+    """The relay's own upstream client, like a relay process has (not the app's)."""
+    if isinstance(upstream, HttpAsyncUpstream):
+        return HttpAsyncUpstream(upstream.base_url)
+    return upstream
 
 
 @pytest.fixture
@@ -90,7 +96,7 @@ def make_harness(namespace, upstream_server):
         settings = Settings(namespace=namespace, upstream=upstream_server.url,
                             **settings_options)
         store = ShmStore(namespace, capacity=capacity, max_sessions=settings.max_sessions)
-        harness = Harness(store, settings, upstream or HttpUpstream(upstream_server.url))
+        harness = Harness(store, settings, upstream or HttpAsyncUpstream(upstream_server.url))
         made.append(harness)
         return harness
 
@@ -122,8 +128,7 @@ def chat(script: dict | None = None, stream: bool = True, **extra) -> dict:
                                  "/v1/stream?from=3", "/v1/stream/?conv_id=x"])
 def test_get_without_id_is_400(harness, uri):
     path, _, query = uri.partition("?")
-    result = harness.client.simulate_get(path, query_string=query,
-                                         extras={"RAW_URI": uri})
+    result = harness.client.simulate_get(path, query_string=query)
     assert_error(result, 400, MISSING)
 
 
@@ -131,8 +136,7 @@ def test_get_without_id_is_400(harness, uri):
                                  "/v1/stream/nope?from=abc"])
 def test_get_unknown_is_404(harness, uri):
     path, _, query = uri.partition("?")
-    assert_error(harness.client.simulate_get(path, query_string=query,
-                                             extras={"RAW_URI": uri}), 404, NOT_FOUND)
+    assert_error(harness.client.simulate_get(path, query_string=query), 404, NOT_FOUND)
 
 
 @pytest.mark.parametrize("value", ["+5", "%2B5", "%205", " 5", "5abc", "-1", "1.0", "0x5",
@@ -142,8 +146,7 @@ def test_get_invalid_from_is_400(harness, value):
     harness.session("s", b"abc", State.DONE).close()
     for uri in (f"/v1/stream/s?from={value}", f"/v1/stream?conv_id=s&from={value}"):
         path, _, query = uri.partition("?")
-        result = harness.client.simulate_get(path, query_string=query,
-                                             extras={"RAW_URI": uri})
+        result = harness.client.simulate_get(path, query_string=query)
         assert_error(result, 400, BAD_FROM)
 
 
@@ -184,118 +187,98 @@ def test_get_offset_lost_is_400(make_harness):
 ])
 def test_get_id_forms(harness, conversation_id, raw_uri):
     harness.session(conversation_id, b"data: x\n\n", State.DONE).close()
-    status, _headers, body = harness.wsgi("GET", raw_uri)
-    assert status == "200 OK"
-    assert b"".join(body) == b"data: x\n\n"
+    result = harness.client.request("GET", raw_uri)
+    assert result.status_code == 200
+    assert result.content == b"data: x\n\n"
 
 
-def test_get_id_from_request_uri_or_decoded_path_info(harness):
+def test_get_id_from_a_decoded_path_without_raw_path(harness):
     harness.session("a/b%2F", b"ok", State.DONE).close()
-    # REQUEST_URI (other servers) is raw; without either, PATH_INFO is already decoded.
-    status, _, body = harness.wsgi("GET", "/v1/stream/a%2Fb%252F", RAW_URI="",
-                                   REQUEST_URI="/v1/stream/a%2Fb%252F")
-    assert status == "200 OK" and b"".join(body) == b"ok"
-    status, _, body = harness.wsgi("GET", "/v1/stream/a%2Fb%252F", RAW_URI="",
-                                   PATH_INFO="/v1/stream/a/b%2F")
-    assert status == "200 OK" and b"".join(body) == b"ok"
+    # A server that sends no raw_path leaves only the decoded path: taken as it is.
+    result = harness.client.request("GET", "/v1/stream/a%2Fb%252F", raw_path=b"",
+                                    path="/v1/stream/a/b%2F")
+    assert result.status_code == 200 and result.content == b"ok"
 
 
 @pytest.mark.parametrize("raw_uri", ["/v1/stream/%FF", "/v1/stream/%C3", "/v1/stream?conv_id=%FF"])
 def test_get_id_not_utf8_is_400(harness, raw_uri):
-    status, _headers, body = harness.wsgi("GET", raw_uri)
-    assert status.startswith("400")
-    assert json.loads(b"".join(body)) == {"error": {
+    result = harness.client.request("GET", raw_uri)
+    assert result.status_code == 400
+    assert result.json == {"error": {
         "code": 400, "message": "Invalid conversation id: not valid UTF-8",
         "type": "invalid_request_error"}}
 
 
 def test_get_follows_a_live_session_and_ends_when_it_does(harness):
     producer = harness.session("live", b"first ")
-    status, headers, body = harness.wsgi("GET", "/v1/stream/live?from=2")
-    assert status == "200 OK" and headers["content-type"] == "text/event-stream"
-    assert next(body) == b"rst "
+    call = harness.open("GET", "/v1/stream/live?from=2")
+    assert call.status == 200 and call.headers["content-type"] == "text/event-stream"
+    assert call.next() == b"rst "
     threading.Timer(0.1, producer.append, [b"second"]).start()
-    assert next(body) == b"second"
+    assert call.next() == b"second"
     producer.finalize(State.DONE)
-    assert list(body) == []
-    body.close()
+    assert call.rest() == b""
+    assert call.finished.wait(5)
     producer.close()
 
 
 def test_get_from_beyond_total_waits_for_the_stream(harness):
     producer = harness.session("ahead", b"0123")
-    status, _, body = harness.wsgi("GET", "/v1/stream/ahead?from=6")
-    assert status == "200 OK"
-    received = []
-    reader = threading.Thread(target=lambda: received.extend(body))
-    reader.start()
-    time.sleep(0.1)
+    call = harness.open("GET", "/v1/stream/ahead?from=6")
+    assert call.status == 200
     producer.append(b"45")
     producer.append(b"6789")
     producer.finalize(State.DONE)
-    reader.join(5)
-    assert b"".join(received) == b"6789"
-    body.close()
+    assert call.rest() == b"6789"
     producer.close()
 
 
 def test_get_ends_when_the_reader_is_lapped(make_harness):
     harness = make_harness(capacity=64)
     producer = harness.session("lap", b"x" * 10)
-    _status, _, body = harness.wsgi("GET", "/v1/stream/lap")
-    assert next(body) == b"x" * 10
+    call = harness.open("GET", "/v1/stream/lap")
+    assert call.next() == b"x" * 10
     producer.append(b"y" * 200)  # the bytes the reader needs next are gone
-    assert list(body) == []
-    body.close()
+    assert call.rest() == b""
     producer.finalize(State.DONE)
     producer.close()
 
 
-def _read_in_thread(body):
-    done = threading.Event()
-    chunks = []
-
-    def run():
-        for chunk in body:
-            chunks.append(chunk)
-        done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    return done, chunks
-
-
-def test_reader_notices_a_gone_client_while_no_bytes_flow(harness):
+def test_reader_is_released_when_its_client_leaves_while_no_bytes_flow(harness):
     producer = harness.session("gone", b"hello")
-    ours, theirs = socket.socketpair()
-    _status, _, body = harness.wsgi("GET", "/v1/stream/gone", **{"gunicorn.socket": ours})
-    done, chunks = _read_in_thread(body)
-    time.sleep(0.3)
-    assert not done.is_set() and chunks == [b"hello"]
-    theirs.sendall(b"GET / HTTP/1.1\r\n")  # pending bytes from the client: not a hang-up
-    time.sleep(0.3)
-    assert not done.is_set()
-    closed = time.monotonic()
-    theirs.close()
-    assert done.wait(2)
-    assert time.monotonic() - closed < 0.3
-    body.close()
-    ours.close()
+    call = harness.open("GET", "/v1/stream/gone")
+    assert call.next() == b"hello"
+    assert not call.finished.wait(0.3)  # a silent session keeps its reader
+    assert producer.info().waiters == 1  # this process's one waiter sleeps on the futex
+    left = time.monotonic()
+    call.disconnect()
+    assert call.finished.wait(5)
+    released = time.monotonic() - left
+    assert released < 1.0, f"the reader took {released:.3f} s to go"  # ~0 (event-driven)
+    assert call.error is None
+    producer.append(b"more")  # nobody reads it: the waiter's readers are gone
+    assert wait_until(lambda: waiter.hub().waiter_for(producer.segment) is None, 10)
     producer.finalize(State.DONE)
     producer.close()
 
 
-def test_reader_notices_a_half_closed_client(harness):
-    producer = harness.session("half", b"hello")
-    ours, theirs = socket.socketpair()
-    _status, _, body = harness.wsgi("GET", "/v1/stream/half", **{"gunicorn.socket": ours})
-    done, _ = _read_in_thread(body)
-    time.sleep(0.1)
-    theirs.shutdown(socket.SHUT_WR)
-    assert done.wait(1)
-    body.close()
-    ours.close()
-    theirs.close()
+def test_one_futex_waiter_wakes_every_local_reader_of_a_session(harness):
+    """100 readers of one session in one process: one waiter thread, counted once in the
+    header, and every reader gets every byte."""
+    producer = harness.session("fan", b"a")
+    calls = [harness.open("GET", "/v1/stream/fan") for _ in range(100)]
+    assert all(call.next() == b"a" for call in calls)
+    assert wait_until(lambda: producer.info().waiters == 1)
+    assert waiter.hub().waiter_count() == 1
+    single = waiter.hub().waiter_for(producer.segment)
+    waits_before = single.waits
+    for index in range(5):
+        producer.append(b"%d" % index)
+        assert all(call.next() == b"%d" % index for call in calls)
+    assert single.waits - waits_before <= 6  # one futex wait per append, not one per reader
+    assert producer.info().waiters <= 1
     producer.finalize(State.DONE)
+    assert all(call.rest() == b"" for call in calls)
     producer.close()
 
 
@@ -305,17 +288,15 @@ def test_reader_notices_a_half_closed_client(harness):
 @pytest.mark.parametrize("uri", ["/v1/stream/a%2Fb::m", "/v1/stream?conv_id=a%2Fb%3A%3Am"])
 def test_delete_cancels_evicts_and_ends_readers(harness, uri):
     producer = harness.session("a/b::m", b"data: 1\n\n")
-    status, _, body = harness.wsgi("GET", "/v1/stream/a%2Fb::m")
-    assert next(body) == b"data: 1\n\n"
-    status, headers, answer = harness.wsgi("DELETE", uri)
-    assert status == "204 No Content" and b"".join(answer) == b""
-    assert "content-type" not in headers
-    assert list(body) == []  # ends cleanly, no [DONE]
-    body.close()
+    reader = harness.open("GET", "/v1/stream/a%2Fb::m")
+    assert reader.next() == b"data: 1\n\n"
+    answer = harness.client.request("DELETE", uri)
+    assert answer.status_code == 204 and answer.content == b""
+    assert "content-type" not in answer.headers
+    assert reader.rest() == b""  # ends cleanly, no [DONE]
     assert producer.producer_should_stop and producer.info().state is State.CANCELLED
     producer.close()
-    assert_error(harness.client.simulate_get("/v1/stream/a%2Fb::m",
-                                             extras={"RAW_URI": "/v1/stream/a%2Fb::m"}),
+    assert_error(harness.client.simulate_get("/v1/stream/a%2Fb::m"),
                  404, NOT_FOUND)
 
 
@@ -323,15 +304,13 @@ def test_delete_cancels_evicts_and_ends_readers(harness, uri):
 def test_delete_unknown_or_finished_is_204(harness, uri):
     harness.session("finished", b"x", State.DONE).close()
     for target in (uri, "/v1/stream/finished"):
-        status, _, body = harness.wsgi("DELETE", target)
-        assert status == "204 No Content" and b"".join(body) == b""
+        result = harness.client.request("DELETE", target)
+        assert result.status_code == 204 and result.content == b""
 
 
 @pytest.mark.parametrize("uri", ["/v1/stream/", "/v1/stream", "/v1/stream?conv_id="])
 def test_delete_without_id_is_400(harness, uri):
-    status, headers, body = harness.wsgi("DELETE", uri)
-    assert status.startswith("400") and headers["content-type"] == JSON_TYPE
-    assert b"".join(body) == MISSING
+    assert_error(harness.client.request("DELETE", uri), 400, MISSING)
 
 
 def test_other_methods_on_stream_paths_are_405(harness):
@@ -402,12 +381,12 @@ def test_streamed_completion_becomes_a_session(harness, upstream_server):
     assert result.headers["content-type"] == "text/event-stream"
     assert result.headers["cache-control"] == "no-cache"
     assert result.content == expected_body("app1", 12)
-    replay = harness.wsgi("GET", "/v1/stream/conv%2F1%3A%3Am1?from=0")
-    assert b"".join(replay[2]) == result.content
+    replay = harness.client.request("GET", "/v1/stream/conv%2F1%3A%3Am1?from=0")
+    assert replay.content == result.content
     [entry] = harness.store.lookup(["conv/1"])
     assert entry.state is State.DONE and entry.metadata["model"] == "m1"
     headers = upstream_server.record("app1").headers
-    assert headers["x-conversation-id"] == "conv/1::m1"
+    assert "x-conversation-id" not in headers  # the session is shmstream's (rule 2)
     assert headers["accept-encoding"] == "identity"
 
 
@@ -431,11 +410,11 @@ def test_a_reader_attached_during_prompt_processing_gets_200_and_pings(harness):
 
     poster = threading.Thread(target=post)
     poster.start()
-    time.sleep(0.1)
-    status, _, body = harness.wsgi("GET", "/v1/stream/pp")
-    assert status == "200 OK"
-    assert next(body) == PING
-    rest = b"".join(body)
+    wait_for(lambda: harness.store.get("pp"))
+    call = harness.open("GET", "/v1/stream/pp")
+    assert call.status == 200
+    assert call.next() == PING
+    rest = call.rest()
     poster.join(5)
     caller = answers["result"].content
     assert caller == PING + rest and caller.startswith(PING * 3)
@@ -450,8 +429,9 @@ def test_upstream_error_reaches_the_caller_unchanged_and_the_session(harness):
     assert result.status_code == 400
     assert result.json == error and result.headers["content-type"] == "application/json"
     replay = harness.client.simulate_get("/v1/stream/err")
-    assert replay.content == b"data: " + json.dumps({"error": error["error"]}).encode() + \
-        b"\n\n"
+    # pings may come first (the session pings from its first moment, rule 5)
+    event = b"data: " + json.dumps({"error": error["error"]}).encode() + b"\n\n"
+    assert replay.content.replace(PING, b"") == event
     assert harness.store.lookup(["err"])[0].state is State.FAILED
 
 
@@ -548,8 +528,8 @@ def test_proxy_relays_method_target_and_headers(harness):
 
 
 def test_proxy_keeps_the_raw_path(harness):
-    _status, _, body = harness.wsgi("GET", "/files/a%2Fb%20c?x=%41")
-    assert json.loads(b"".join(body))["target"] == "/files/a%2Fb%20c?x=%41"
+    result = harness.client.request("GET", "/files/a%2Fb%20c?x=%41")
+    assert result.json["target"] == "/files/a%2Fb%20c?x=%41"
 
 
 def test_proxy_replaces_authorization_with_the_upstream_key(make_harness):
@@ -563,7 +543,7 @@ def test_proxy_relays_status_and_response_headers(harness):
     assert result.status_code == 418 and result.json == {"status": 418}
     assert result.headers["x-upstream"] == "yes"
     assert "x-hop" not in result.headers and "keep-alive" not in result.headers
-    assert [c.value for c in result.cookies.values()] == ["1", "2"]
+    assert [c.split(";")[0] for c in result.all("set-cookie")] == ["a=1", "b=2"]
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
@@ -577,25 +557,43 @@ def test_proxy_bodiless_answers(harness, method, path, status):
 
 def test_proxy_streams_the_request_body(harness):
     payload = bytes(range(256)) * 1000
-    _status, _, body = harness.wsgi("POST", "/upload", body=b"",
-                                   **{"wsgi.input": io.BytesIO(payload),
-                                      "wsgi.input_terminated": True, "CONTENT_LENGTH": ""})
-    echo = json.loads(b"".join(body))
+    pieces = [payload[i:i + 65536] for i in range(0, len(payload), 65536)]
+    result = harness.client.request("POST", "/upload", body=pieces,
+                                    headers={"transfer-encoding": "chunked"})
+    echo = result.json
     assert echo["body_length"] == len(payload)
     assert echo["headers"]["transfer-encoding"] == "chunked"
+    sized = harness.client.request("POST", "/upload", body=payload).json
+    assert sized["body_length"] == len(payload)
+    assert sized["headers"]["content-length"] == str(len(payload))
+    assert "transfer-encoding" not in sized["headers"]
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS"])
+def test_proxy_sends_a_request_without_a_body_without_one(harness, method):
+    """A GET reached the upstream with Transfer-Encoding: chunked and an empty body."""
+    echo = harness.client.request(method, "/v1/models").json
+    assert echo["method"] == method and echo["body_length"] == 0
+    assert "transfer-encoding" not in echo["headers"]
+    assert "content-length" not in echo["headers"]
 
 
 def test_proxy_streams_the_response_body(harness):
-    _status, _, body = harness.wsgi("GET", "/_test/drip?n=3&interval=0.2")
-    started = time.monotonic()
-    assert next(body) == b"drip 0\n"
-    assert time.monotonic() - started < 0.35  # the first piece came before the last
-    assert b"".join(body) == b"drip 1\ndrip 2\n"
-    body.close()
+    call = harness.open("GET", "/_test/drip?n=3&interval=0.2")
+    assert call.next() == b"drip 0\n"
+    assert not call.finished.is_set()  # the first piece came before the last was sent
+    assert call.rest() == b"drip 1\ndrip 2\n"
+
+
+def test_proxy_stops_relaying_when_the_client_leaves(harness):
+    call = harness.open("GET", "/_test/drip?n=1000&interval=0.05")
+    assert call.next() == b"drip 0\n"
+    call.disconnect()
+    assert call.finished.wait(5)  # the upstream response was closed, not read to its end
 
 
 def test_proxy_to_an_unreachable_upstream_is_502(make_harness):
-    harness = make_harness(upstream=HttpUpstream("http://127.0.0.1:9"))
+    harness = make_harness(upstream=HttpAsyncUpstream("http://127.0.0.1:9"))
     result = harness.client.simulate_get("/v1/models")
     assert result.status_code == 502 and result.headers["content-type"] == JSON_TYPE
     assert result.json["error"]["type"] == "server_error"
@@ -635,7 +633,7 @@ def test_api_key(make_harness):
 
 @pytest.fixture
 def demo(make_harness):
-    return make_harness(upstream=DemoUpstream(tokens_per_second=500))
+    return make_harness(upstream=AsyncDemoUpstream(tokens_per_second=500))
 
 
 def test_demo_models_and_health(demo):
@@ -674,40 +672,31 @@ def test_demo_answers_every_completion_route(demo, route):
 
 
 def test_demo_paces_tokens_and_stops_on_delete(make_harness):
-    harness = make_harness(upstream=DemoUpstream(tokens_per_second=20))
+    harness = make_harness(upstream=AsyncDemoUpstream(tokens_per_second=20))
     body = {"stream": True, "max_tokens": 1000, "messages": []}
-    status, _, stream = harness.wsgi(
-        "POST", "/v1/chat/completions", headers={"X-Conversation-Id": "pace",
-                                                 "Content-Type": "application/json"},
-        body=json.dumps(body).encode())
-    assert status == "200 OK"
+    call = harness.open("POST", "/v1/chat/completions", json=body,
+                        headers={"X-Conversation-Id": "pace"})
+    assert call.status == 200
     started = time.monotonic()
     received = b""
     while received.count(b"data: ") < 6:
-        received += next(stream)
+        received += call.next()
     assert 0.15 < time.monotonic() - started < 1.5  # 5 tokens at 20/s
-    harness.wsgi("DELETE", "/v1/stream/pace")
-    list(stream)
-    stream.close()
-    deadline = time.monotonic() + 2
-    while harness.relay.watcher.producers() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert harness.relay.watcher.producers() == []
+    assert harness.client.request("DELETE", "/v1/stream/pace").status_code == 204
+    call.rest()
+    assert wait_until(lambda: not harness.relay.server.producers, 5)
 
 
-def test_wsgi_module_builds_nothing_before_the_first_request(namespace):
+def test_asgi_module_builds_nothing_before_the_first_call(namespace):
     code = (
         "import threading, os, sys\n"
-        "import shmstream.serve.wsgi as w\n"
+        "import shmstream.serve.asgi as w\n"
         "assert w._app is None and threading.active_count() == 1\n"
         "assert not [n for n in os.listdir('/dev/shm') if n.startswith(os.environ["
         "'SHMSTREAM_NAMESPACE'])]\n"
         "import falcon.testing\n"
-        "env = falcon.testing.create_environ(path='/v1/models')\n"
-        "out = {}\n"
-        "body = w.application(env, lambda s, h, e=None: out.setdefault('s', s))\n"
-        "data = b''.join(body)\n"
-        "assert out['s'] == '200 OK' and b'shmstream-demo' in data, (out, data)\n"
+        "result = falcon.testing.TestClient(w.application).simulate_get('/v1/models')\n"
+        "assert result.status_code == 200 and b'shmstream-demo' in result.content\n"
         "assert w.get_app() is w._app\n"
     )
     env = {"SHMSTREAM_NAMESPACE": namespace, "PATH": "/usr/bin:/bin"}
@@ -722,7 +711,7 @@ def test_the_protocol_on_every_backend(store_factory, upstream_server):
     store = store_factory(capacity=4096)
     settings = Settings(namespace=store_factory.namespace, upstream=upstream_server.url,
                         ping_interval=0.1)
-    harness = Harness(store, settings, HttpUpstream(upstream_server.url))
+    harness = Harness(store, settings, HttpAsyncUpstream(upstream_server.url))
     try:
         tag = f"backend-{store_factory.backend}"
         result = harness.client.simulate_post(
@@ -736,19 +725,38 @@ def test_the_protocol_on_every_backend(store_factory, upstream_server):
         dropped = entry["dropped_bytes"]
         assert dropped == len(result.content) - 4096
         uri = "/v1/stream/b%2F1::m"
-        assert_error(harness.client.simulate_get(uri, query_string=f"from={dropped - 1}",
-                                                 extras={"RAW_URI": uri}), 400, LOST)
-        replay = harness.client.simulate_get(uri, query_string=f"from={dropped}",
-                                             extras={"RAW_URI": uri})
+        assert_error(harness.client.simulate_get(uri, query_string=f"from={dropped - 1}"),
+                     400, LOST)
+        replay = harness.client.simulate_get(uri, query_string=f"from={dropped}")
         assert replay.content == result.content[dropped:]
-        status, _, body = harness.wsgi("DELETE", "/v1/stream?conv_id=b%2F1%3A%3Am")
-        assert status == "204 No Content" and b"".join(body) == b""
-        assert_error(harness.client.simulate_get(uri, extras={"RAW_URI": uri}), 404, NOT_FOUND)
+        deleted = harness.client.request("DELETE", "/v1/stream?conv_id=b%2F1%3A%3Am")
+        assert deleted.status_code == 204 and deleted.content == b""
+        assert_error(harness.client.simulate_get(uri), 404, NOT_FOUND)
     finally:
         harness.close()
 
 
-def test_proxy_re_encodes_a_decoded_path_info(harness):
-    _, _, body = harness.wsgi("GET", "/files/a b%25?x=1", RAW_URI="",
-                                   PATH_INFO="/files/a b%")
-    assert json.loads(b"".join(body))["target"] == "/files/a%20b%25?x=1"
+def test_proxy_re_encodes_a_decoded_path(harness):
+    result = harness.client.request("GET", "/files/a b%25?x=1", raw_path=b"",
+                                    path="/files/a b%")
+    assert result.json["target"] == "/files/a%20b%25?x=1"
+
+
+def test_favicon_is_ours_when_the_upstream_has_none(demo, harness):
+    for app in (demo, harness):  # the demo has no icon; the scripted upstream echoes 200
+        result = app.client.request("GET", "/favicon.ico")
+        assert result.status_code == 200
+    ours = demo.client.request("GET", "/favicon.ico")
+    assert ours.headers["content-type"] == "image/svg+xml" and ours.content.startswith(b"<svg")
+    page = demo.client.request("GET", "/shmstream/").text
+    assert '<link rel="icon" href="favicon.svg"' in page
+
+
+def test_an_error_log_names_the_lookup_path_as_it_is(harness, monkeypatch, caplog):
+    def broken(ids):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(harness.store, "lookup", broken)
+    harness.client.request("POST", "/v1/streams/lookup", json={"conversation_ids": ["x"]})
+    lines = [r.getMessage() for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert lines == ["unhandled error on POST /v1/streams/lookup"]

@@ -5,6 +5,7 @@ The same things through a real gunicorn are in ``test_hardening_http.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -13,19 +14,19 @@ import sys
 import threading
 import time
 
-import falcon.testing
 import pytest
+from asgi_client import InProcessService
 from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from sse_upstream import InThreadUpstream
 
 from shmstream import metrics
 from shmstream.config import Settings
-from shmstream.http.app import create_app
 from shmstream.http.cors import ALLOW_HEADERS, ALLOW_METHODS, parse_origins
 from shmstream.http.health import HealthProbe
-from shmstream.relay.demo import DemoUpstream
-from shmstream.relay.upstream import HttpUpstream, Relay, Upstream, UpstreamError
+from shmstream.relay.client import AsyncUpstream, HttpAsyncUpstream
+from shmstream.relay.demo import AsyncDemoUpstream
+from shmstream.relay.upstream import UpstreamError
 from shmstream.serve.accesslog import redact_path, redact_query, redact_target
 from shmstream.shm.store import ShmStore
 from shmstream.store.ids import short_hash
@@ -47,19 +48,15 @@ class App:
         self.settings = Settings(namespace=namespace, upstream=upstream_url, **options)
         self.store = ShmStore(namespace, capacity=options.get("max_bytes", 64 * 1024),
                               max_sessions=self.settings.max_sessions)
-        self.upstream = upstream or HttpUpstream(upstream_url)
-        self.relay = Relay(self.store, self.upstream, self.settings.ping_interval)
-        self.app = create_app(self.store, self.settings, self.upstream, relay=self.relay)
-        self.client = falcon.testing.TestClient(self.app)
+        self.service = InProcessService(self.store, self.settings,
+                                        upstream or HttpAsyncUpstream(upstream_url))
+        self.client = self.service.client
 
     def get(self, raw_uri: str, method: str = "GET", headers: dict | None = None, **kw):
-        path, _, query = raw_uri.partition("?")
-        return self.client.simulate_request(method, path, query_string=query, headers=headers,
-                                            extras={"RAW_URI": raw_uri}, **kw)
+        return self.client.request(method, raw_uri, headers=headers, **kw)
 
     def close(self) -> None:
-        self.relay.watcher.shutdown()
-        self.upstream.close()
+        self.service.close()
 
 
 @pytest.fixture
@@ -240,19 +237,19 @@ def test_public_paths_and_the_key(make_app):
 # --- /health -------------------------------------------------------------------------------
 
 
-class CountingUpstream(Upstream):
+class CountingUpstream(AsyncUpstream):
     """Answers /health with a chosen status, or fails like an unreachable server."""
 
     def __init__(self, status: int | None = 200):
         self.status = status
         self.calls = 0
-        self.inner = DemoUpstream(1000)
+        self.inner = AsyncDemoUpstream(1000)
 
-    def open(self, request):
+    async def open(self, request):
         self.calls += 1
         if self.status is None:
             raise UpstreamError("upstream ConnectError: [Errno 111] Connection refused")
-        response = self.inner.open(request)
+        response = await self.inner.open(request)
         response.status = self.status
         return response
 
@@ -294,9 +291,9 @@ def test_health_of_a_server_without_a_health_route_is_ok(make_app):
 
 def test_health_probes_a_dead_http_upstream_quickly(namespace):
     store = ShmStore(namespace)
-    probe = HealthProbe(HttpUpstream("http://127.0.0.1:9"), store, timeout=1.0)
+    probe = HealthProbe(HttpAsyncUpstream("http://127.0.0.1:9"), store, timeout=1.0)
     started = time.monotonic()
-    result = probe.check()
+    result = asyncio.run(probe.check())
     assert result["upstream"]["reachable"] is False
     assert time.monotonic() - started < 1.5
 
@@ -461,9 +458,8 @@ def test_health_and_metrics_on_every_backend(store_factory, upstream_server):
     store = store_factory()
     settings = Settings(namespace=store_factory.namespace, upstream=upstream_server.url,
                         backend="shm" if store_factory.backend == "shm" else "redis://x")
-    upstream = HttpUpstream(upstream_server.url)
-    relay = Relay(store, upstream, 0.1)
-    client = falcon.testing.TestClient(create_app(store, settings, upstream, relay=relay))
+    service = InProcessService(store, settings, HttpAsyncUpstream(upstream_server.url))
+    client = service.client
     try:
         assert client.simulate_post("/v1/chat/completions", json=chat(),
                                     headers={"X-Conversation-Id": "b"}).status_code == 200
@@ -476,5 +472,4 @@ def test_health_and_metrics_on_every_backend(store_factory, upstream_server):
                   for sample in family.samples}
         assert values["shmstream_sessions[('state', 'done')]"] == 1
     finally:
-        relay.watcher.shutdown()
-        upstream.close()
+        service.close()

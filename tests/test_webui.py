@@ -9,26 +9,22 @@ import pytest
 from shmstream.config import Settings
 from shmstream.http.app import create_app
 from shmstream.http.webui import WEBUI_PREFIX, load_static
-from shmstream.relay.demo import DemoUpstream
-from shmstream.relay.upstream import Relay
+from shmstream.relay.demo import AsyncDemoUpstream
+from shmstream.relay.handoff import RelayClient
 from shmstream.shm.store import ShmStore
 
 
 @pytest.fixture
-def make_client(namespace):
-    relays = []
-
+def make_client(namespace, tmp_path):
     def make(**settings_options) -> falcon.testing.TestClient:
         settings = Settings(namespace=namespace, **settings_options)
         store = ShmStore(namespace)
-        upstream = DemoUpstream(1000)
-        relay = Relay(store, upstream, settings.ping_interval)
-        relays.append(relay)
-        return falcon.testing.TestClient(create_app(store, settings, upstream, relay=relay))
+        # The page's routes never hand a completion over: no relay listens there.
+        relay = RelayClient(str(tmp_path / "no-relay.sock"))
+        return falcon.testing.TestClient(create_app(store, settings, AsyncDemoUpstream(1000),
+                                                    relay))
 
-    yield make
-    for relay in relays:
-        relay.watcher.shutdown()
+    return make
 
 
 def test_the_packaged_files_are_there():
@@ -96,3 +92,20 @@ def test_the_page_loads_without_the_api_key_but_the_api_needs_it(make_client):
 
 def test_other_methods_are_405(make_client):
     assert make_client().simulate_post("/shmstream/").status_code == 405
+
+
+def test_the_vendored_libraries_are_served_with_their_licenses_packaged(make_client):
+    from importlib import resources
+
+    client = make_client()
+    for name, marker in (("marked.umd.js", b"marked v18"), ("purify.min.js", b"DOMPurify 3")):
+        result = client.simulate_get(f"/shmstream/vendor/{name}")
+        assert result.status_code == 200, name
+        assert result.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert marker in result.content
+    vendor = resources.files("shmstream.http") / "static" / "vendor"
+    for license_file in ("marked.LICENSE.md", "dompurify.LICENSE"):
+        assert (vendor / license_file).read_text().strip(), license_file
+    # Only the page's own files and the vendored scripts are served, nothing else there.
+    assert client.simulate_get("/shmstream/vendor/README.md").status_code == 404
+    assert client.simulate_get("/shmstream/vendor/../chat.js").status_code == 404

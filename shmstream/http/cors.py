@@ -61,7 +61,7 @@ class Cors:
             return "*"
         return origin if _normalise(origin) in self.allowed else None
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not is_preflight(req):
             return
         if self.allow_origin(req.get_header("Origin")) is None:
@@ -72,8 +72,8 @@ class Cors:
         resp.set_header("Access-Control-Max-Age", MAX_AGE)
         resp.complete = True  # no routing, no API key: a preflight never carries one
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource,
-                         req_succeeded: bool) -> None:
+    async def process_response(self, req: falcon.Request, resp: falcon.Response, resource,
+                               req_succeeded: bool) -> None:
         allowed = self.allow_origin(req.get_header("Origin"))
         if self.allowed is not None:
             resp.append_header("Vary", "Origin")

@@ -13,21 +13,15 @@ It is public, like llama-server's ``/health``: it shows no id, key or upstream U
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import threading
 import time
 
 import falcon
-import httpx
 
-from shmstream.relay.upstream import (
-    JSON_TYPE,
-    HttpUpstream,
-    Upstream,
-    UpstreamRequest,
-    error_object,
-)
+from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest
+from shmstream.relay.upstream import JSON_TYPE, error_object
 from shmstream.store.interface import SessionStore
 
 PROBE_INTERVAL = 3.0  # seconds a probe result is reused
@@ -58,9 +52,9 @@ def shm_usage(path: str = SHM_DIR) -> dict:
 
 
 class HealthProbe:
-    """The cached upstream and store checks of one process."""
+    """The cached upstream and store checks of one process (one event loop)."""
 
-    def __init__(self, upstream: Upstream, store: SessionStore, backend: str = "shm",
+    def __init__(self, upstream: AsyncUpstream, store: SessionStore, backend: str = "shm",
                  upstream_api_key: str | None = None, interval: float = PROBE_INTERVAL,
                  timeout: float = PROBE_TIMEOUT):
         self.upstream = upstream
@@ -69,17 +63,18 @@ class HealthProbe:
         self.upstream_api_key = upstream_api_key
         self.interval = interval
         self.timeout = timeout
-        self._lock = threading.Lock()
+        self._lock: asyncio.Lock | None = None
         self._checked = -1e18
         self._result: dict = {}
-        self._client: httpx.Client | None = None
-        self._client_pid = 0
 
-    def check(self) -> dict:
+    async def check(self) -> dict:
         """``{"upstream": {...}, "store": {...}}``, at most ``interval`` seconds old."""
-        with self._lock:  # concurrent callers wait for one probe instead of sending theirs
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # concurrent callers wait for one probe instead of sending theirs
             if time.monotonic() - self._checked >= self.interval:
-                self._result = {"upstream": self._probe_upstream(), "store": self._probe_store()}
+                self._result = {"upstream": await self._probe_upstream(),
+                                "store": self._probe_store()}
                 self._checked = time.monotonic()
             return self._result
 
@@ -88,14 +83,14 @@ class HealthProbe:
             return [("Authorization", f"Bearer {self.upstream_api_key}")]
         return []
 
-    def _probe_upstream(self) -> dict:
+    async def _probe_upstream(self) -> dict:
         started = time.monotonic()
         try:
-            if isinstance(self.upstream, HttpUpstream):
-                status, raw = self._probe_http()
-            else:
-                status, raw = self._probe_generic()
+            async with asyncio.timeout(self.timeout):
+                status, raw = await self._probe()
         except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no answer within {self.timeout:g} s")
             return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"[:300],
                     "latency_ms": round((time.monotonic() - started) * 1000, 1),
                     "checked_at": int(time.time())}
@@ -103,36 +98,13 @@ class HealthProbe:
                 "latency_ms": round((time.monotonic() - started) * 1000, 1),
                 "checked_at": int(time.time())}
 
-    def _probe_http(self) -> tuple[int, bytes]:
-        if self._client is None or self._client_pid != os.getpid():
-            self._client = httpx.Client(timeout=self.timeout, follow_redirects=False)
-            self._client_pid = os.getpid()
-        url = self.upstream.base_url + "/health"
-        with self._client.stream("GET", url, headers=self._headers()) as response:
-            raw = b""
-            for chunk in response.iter_bytes():
-                raw += chunk
-                if len(raw) >= MAX_HEALTH_BODY:
-                    break
-            return response.status_code, raw[:MAX_HEALTH_BODY]
-
-    def _probe_generic(self) -> tuple[int, bytes]:
-        from shmstream.relay.upstream import Abort
-
-        abort = Abort()
-        timer = threading.Timer(self.timeout, abort.abort)
-        timer.daemon = True
-        timer.start()
+    async def _probe(self) -> tuple[int, bytes]:
+        response = await self.upstream.open(
+            AsyncUpstreamRequest("GET", "/health", self._headers(), b""))
         try:
-            headers = [(k.lower().encode(), v.encode()) for k, v in self._headers()]
-            response = self.upstream.open(UpstreamRequest("GET", "/health", headers, None,
-                                                          abort))
-            try:
-                return response.status, response.read(MAX_HEALTH_BODY)
-            finally:
-                response.close()
+            return response.status, await response.read(MAX_HEALTH_BODY)
         finally:
-            timer.cancel()
+            await response.aclose()
 
     def _probe_store(self) -> dict:
         try:
@@ -151,8 +123,8 @@ class HealthResource:
     def __init__(self, probe: HealthProbe):
         self.probe = probe
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        checks = self.probe.check()
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        checks = await self.probe.check()
         upstream, store = checks["upstream"], checks["store"]
         body: dict = {"status": "ok", "upstream": upstream, "store": store,
                       "shm": shm_usage()}

@@ -1,4 +1,5 @@
-"""The chat page at ``/shmstream/``: a few static files (``shmstream/http/static``), no build step.
+"""The chat page at ``/shmstream/``: a few static files (``shmstream/http/static``), no build step,
+and ``/favicon.ico`` when the upstream has none.
 
 The page talks to the same origin's ``/v1/...`` routes, so it shows resume, lookup and Stop
 working against whatever upstream shmstream relays. It lives under its own prefix so it
@@ -44,14 +45,21 @@ class StaticFile:
         self.etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
 
 
+VENDOR = "vendor"  # third-party libraries, copied unchanged (static/vendor/README.md)
+
+
 def load_static() -> dict[str, StaticFile]:
-    """The packaged files the page may serve, by name (subdirectories are not served)."""
+    """The packaged files the page may serve, by name: ``static/*`` and ``vendor/<name>``
+    for ``static/vendor/*`` (no other subdirectory is served)."""
     folder = resources.files("shmstream.http") / "static"
-    return {
-        entry.name: StaticFile(entry.name, entry.read_bytes())
-        for entry in folder.iterdir()
-        if entry.is_file() and _suffix(entry.name) in CONTENT_TYPES
-    }
+    files = {}
+    for prefix, directory in (("", folder), (VENDOR + "/", folder / VENDOR)):
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            if entry.is_file() and _suffix(entry.name) in CONTENT_TYPES:
+                files[prefix + entry.name] = StaticFile(entry.name, entry.read_bytes())
+    return files
 
 
 class WebUIResource:
@@ -61,7 +69,10 @@ class WebUIResource:
     def __init__(self, files: dict[str, StaticFile] | None = None):
         self.files = load_static() if files is None else files
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str = INDEX) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response, name: str = INDEX,
+                     vendored: str | None = None) -> None:
+        if vendored is not None:
+            name = f"{VENDOR}/{vendored}"
         if req.path == WEBUI_PREFIX.rstrip("/"):
             query = f"?{req.query_string}" if req.query_string else ""
             resp.status = falcon.HTTP_308
@@ -87,9 +98,20 @@ class WebUIResource:
     on_head = on_get
 
 
-def add_webui(app: falcon.App) -> None:
+FAVICON = "favicon.svg"
+
+
+def favicon(files: dict[str, StaticFile]) -> StaticFile:
+    """Our icon: browsers ask every origin for ``/favicon.ico``; answered by the proxy
+    with this one when the upstream has none (so a page load logs no 404)."""
+    return files[FAVICON]
+
+
+def add_webui(app: falcon.App) -> WebUIResource:
     """Route the page. Routes are matched before sinks, so these win over the proxy."""
     resource = WebUIResource()
     app.add_route(WEBUI_PREFIX.rstrip("/"), resource)
     app.add_route(WEBUI_PREFIX, resource)
     app.add_route(WEBUI_PREFIX + "{name}", resource)
+    app.add_route(WEBUI_PREFIX + VENDOR + "/{vendored}", resource)
+    return resource

@@ -4,25 +4,20 @@ Used when ``SHMSTREAM_UPSTREAM`` is unset, so the service (resume, lookup, Stop)
 with no model anywhere. It answers the completion routes in their usual streaming and
 non-streaming shapes with deterministic text (the same request gives the same words) at
 ``Settings.demo_tokens_per_second``, lists one model whose name says it is a demo, and
-answers ``/health``. No network, no threads: the producer thread that reads the response
-sleeps between tokens, and an :class:`~shmstream.relay.upstream.Abort` wakes it at once.
+answers ``/health``. No network, no threads: the stream sleeps on the caller's event loop
+between tokens, and cancelling the task that reads it ends it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
-from shmstream.relay.upstream import (
-    Upstream,
-    UpstreamError,
-    UpstreamRequest,
-    UpstreamResponse,
-    error_object,
-)
+from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest, AsyncUpstreamResponse
+from shmstream.relay.upstream import error_object
 
 DEMO_MODEL = "shmstream-demo"
 DEMO_OWNER = "shmstream built-in demo (not a real model)"
@@ -77,53 +72,35 @@ def _sse(data: dict | str, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
-class _DemoResponse(UpstreamResponse):
-    def __init__(self, status: int, content_type: str, chunks: Iterator[bytes]):
+class _DemoResponse(AsyncUpstreamResponse):
+    def __init__(self, status: int, content_type: str, chunks: AsyncIterator[bytes]):
         self.status = status
         self.reason = "OK" if status == 200 else "Error"
         self.headers = [("Content-Type", content_type)]
         self._chunks = chunks
 
-    def iter_bytes(self) -> Iterator[bytes]:
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
         return self._chunks
 
-    def iter_raw(self) -> Iterator[bytes]:
-        return self._chunks
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
 
-    def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _json_response(status: int, body: dict) -> _DemoResponse:
-    return _DemoResponse(status, JSON, iter([json.dumps(body).encode()]))
+    return _DemoResponse(status, JSON, _once(json.dumps(body).encode()))
 
 
 def _error(status: int, message: str) -> _DemoResponse:
     return _json_response(status, {"error": error_object(status, message)})
 
 
-class _Pacer:
-    """Sleeps until each token's due time; an abort wakes it and ends the stream."""
-
-    def __init__(self, tokens_per_second: float, request: UpstreamRequest):
-        self.interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
-        self.woken = threading.Event()
-        if request.abort is not None:
-            request.abort.on_abort(self.woken.set)
-        self.start = time.monotonic()
-
-    def wait_for(self, index: int) -> None:
-        delay = self.start + index * self.interval - time.monotonic()
-        if delay > 0:
-            self.woken.wait(delay)
-        if self.woken.is_set():
-            raise UpstreamError("upstream call aborted")
-
-
-class DemoUpstream(Upstream):
-    """Deterministic completions at a fixed token rate, in-process."""
+class AsyncDemoUpstream(AsyncUpstream):
+    """Deterministic completions at a fixed token rate, on the caller's event loop, paced
+    with ``asyncio.sleep`` (cancelling the task that reads stops the stream at once)."""
 
     def __init__(self, tokens_per_second: float = 20.0, model: str = DEMO_MODEL):
         self.tokens_per_second = tokens_per_second
@@ -131,9 +108,7 @@ class DemoUpstream(Upstream):
         self.description = (f"built-in demo model '{model}' at {tokens_per_second:g} tokens/s "
                             f"(SHMSTREAM_UPSTREAM is not set; no real model is used)")
 
-    def open(self, request: UpstreamRequest) -> UpstreamResponse:
-        if request.abort is not None and request.abort.aborted:
-            raise UpstreamError("upstream call aborted")
+    async def open(self, request: AsyncUpstreamRequest) -> AsyncUpstreamResponse:
         path = request.target.split("?", 1)[0]
         method = request.method.upper()
         if path in ("/health", "/v1/health"):
@@ -146,15 +121,16 @@ class DemoUpstream(Upstream):
         if path == "/" and method in ("GET", "HEAD"):
             page = (b"<!doctype html><title>shmstream demo</title><p>shmstream is serving its "
                     b"built-in demo model; set SHMSTREAM_UPSTREAM to relay a real server.")
-            return _DemoResponse(200, "text/html; charset=utf-8", iter([page]))
+            return _DemoResponse(200, "text/html; charset=utf-8", _once(page))
         formats = self._formats()
         if path in formats:
             if method != "POST":
                 return _error(405, f"{method} is not allowed on {path}")
-            return self._complete(request, formats[path])
+            return await self._complete(request.body, formats[path])
         return _error(404, "File Not Found")
 
-    def _formats(self) -> dict[str, Callable]:
+    @staticmethod
+    def _formats() -> dict[str, Callable]:
         return {
             "/v1/chat/completions": _ChatFormat,
             "/chat/completions": _ChatFormat,
@@ -166,8 +142,7 @@ class DemoUpstream(Upstream):
             "/v1/messages": _MessagesFormat,
         }
 
-    def _complete(self, request: UpstreamRequest, format_class) -> UpstreamResponse:
-        raw = request.body if isinstance(request.body, bytes) else b"".join(request.body or [])
+    async def _complete(self, raw: bytes, format_class) -> AsyncUpstreamResponse:
         try:
             body = json.loads(raw or b"{}")
         except ValueError as exc:
@@ -177,17 +152,20 @@ class DemoUpstream(Upstream):
         words = demo_words(_prompt_of(body), _max_tokens(body))
         seed = hashlib.sha256(raw).hexdigest()[:16]
         fmt = format_class(self.model if "model" not in body else str(body["model"]), seed)
-        pacer = _Pacer(self.tokens_per_second, request)
+        interval = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
         if body.get("stream") is True:
-            return _DemoResponse(200, SSE, self._stream(fmt, words, pacer))
-        pacer.wait_for(len(words))
+            return _DemoResponse(200, SSE, self._stream(fmt, words, interval))
+        await asyncio.sleep(interval * len(words))
         return _json_response(200, fmt.whole("".join(words), len(words)))
 
     @staticmethod
-    def _stream(fmt, words: list[str], pacer: _Pacer) -> Iterator[bytes]:
+    async def _stream(fmt, words: list[str], interval: float) -> AsyncIterator[bytes]:
+        start = time.monotonic()
         yield fmt.head()
         for index, word in enumerate(words):
-            pacer.wait_for(index + 1)
+            delay = start + (index + 1) * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
             yield fmt.delta(word, index)
         yield fmt.tail(len(words))
 

@@ -1,17 +1,19 @@
 """gunicorn server hooks: the master's side of shmstream's process model.
 
-- ``when_ready``: start the supervisor child (restarted if it dies), and make SIGTERM,
-  SIGINT and SIGQUIT abort the workers' running sessions before gunicorn stops them, so
-  readers end at once instead of holding the shutdown for the graceful timeout.
-- ``child_exit``: a worker died (crash, SIGKILL, timeout): abort the sessions it produced
-  and release any lock it held, at once, without waiting for the supervisor.
-- ``on_reload`` (SIGHUP): nothing to move; segments live in /dev/shm and old workers finish
-  their streams within the graceful timeout.
-- ``on_exit``: stop the supervisor and abort whatever still runs.
+- ``when_ready``: start the supervisor child and the relay processes (:mod:`shmstream.serve.
+  relays`: they produce every session; HTTP workers hand completions to them), both
+  restarted if they die; wrap the stop signals so the children stop in order:
+  SIGTERM -> relays finish their answers within the graceful timeout; SIGINT/SIGQUIT ->
+  relays abort at once. Nothing is restarted once a stop began (issue 14, item 5).
+- ``child_exit``: an HTTP worker died (crash, SIGKILL, timeout): release what it held.
+  Its callers' answers go on in the relays.
+- ``on_reload`` (SIGHUP): new relays take new answers; the old ones finish theirs and exit.
+- ``on_exit``: wait for the relays (what still runs then ends ``aborted``), stop the
+  supervisor, abort whatever still runs.
 
 The master also owns the Prometheus multiprocess directory (:mod:`shmstream.metrics`): it
-makes it empty in ``when_ready``, before the supervisor and the workers start, drops a dead
-worker's live gauges in ``child_exit`` and removes it in ``on_exit``.
+makes it empty in ``when_ready``, before the supervisor, the relays and the workers start,
+drops a dead worker's live gauges in ``child_exit`` and removes it in ``on_exit``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import logging
 from shmstream import metrics
 from shmstream.backends import open_store
 from shmstream.config import Settings
+from shmstream.serve import startup
+from shmstream.serve.relays import RelayPool
 from shmstream.serve.supervisor import SupervisorProcess
 
 log = logging.getLogger("shmstream.gunicorn")
@@ -39,6 +43,12 @@ def _store():
     if "store" not in _state:
         _state["store"] = open_store(_settings())
     return _state["store"]
+
+
+def on_starting(server) -> None:
+    # First, before anything touches the namespace: one live service per namespace, and a
+    # store that answers (shmstream.serve.startup; a failure stops gunicorn with one line).
+    startup.prepare_master()
 
 
 def when_ready(server) -> None:
@@ -64,21 +74,37 @@ def when_ready(server) -> None:
     supervisor = SupervisorProcess(settings)
     supervisor.start()
     _state["supervisor"] = supervisor
-    for name in ("handle_term", "handle_int", "handle_quit"):
-        _abort_before(server, name)
+    relays = RelayPool(settings, _abort_producers)
+    relays.start()  # before the workers fork: they inherit SHMSTREAM_RELAY_SOCKET
+    _state["relays"] = relays
+    server.log.info("relays: %d process(es) on %s, graceful timeout %gs", relays.count,
+                    relays.socket_path, relays.graceful_timeout)
+    _stop_in_order(server, "handle_term", graceful=True)
+    _stop_in_order(server, "handle_int", graceful=False)
+    _stop_in_order(server, "handle_quit", graceful=False)
 
 
-def _abort_before(server, handler_name: str) -> None:
+def _abort_producers(pids: list[int]) -> int:
+    aborted = _store().abort_producers(pids)
+    if aborted:
+        metrics.producers_reaped(aborted, "child_exit")
+    return aborted
+
+
+def _stop_in_order(server, handler_name: str, graceful: bool) -> None:
+    """Before gunicorn's own handler: no child is restarted from now on; the relays get
+    SIGTERM (finish within the graceful timeout) or SIGQUIT (abort now)."""
     original = getattr(server, handler_name)
 
     def handler():
-        pids = list(server.WORKERS)
-        try:
-            aborted = _store().abort_producers(pids)
-            server.log.info("shutdown: aborted %d running session(s)", aborted)
-            metrics.producers_reaped(aborted, "shutdown")
-        except Exception:
-            server.log.exception("shutdown: could not abort running sessions")
+        supervisor = _state.get("supervisor")
+        if supervisor is not None:
+            supervisor.begin_stop()
+        relays = _state.get("relays")
+        if relays is not None:
+            relays.begin_stop(graceful)
+        server.log.info("%s: relays %s", "graceful stop" if graceful else "quick stop",
+                        "finish their answers" if graceful else "abort their answers")
         return original()
 
     setattr(server, handler_name, handler)
@@ -98,10 +124,15 @@ def child_exit(server, worker) -> None:
 
 
 def on_reload(server) -> None:
-    server.log.info("reload: sessions stay in shared memory")
+    relays = _state.get("relays")
+    if relays is not None:
+        relays.reload()
 
 
 def on_exit(server) -> None:
+    relays = _state.pop("relays", None)
+    if relays is not None:
+        relays.stop()
     supervisor = _state.pop("supervisor", None)
     if supervisor is not None:
         supervisor.stop()

@@ -459,6 +459,12 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
         memory = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=PERMISSIONS)
     except posix_ipc.ExistentialError:
         raise FileExistsError(name) from None
+    except (posix_ipc.PermissionsError, OSError) as exc:
+        # A read-only or foreign-owned /dev/shm: the store is down, not the request bad.
+        if isinstance(exc, posix_ipc.PermissionsError) or exc.errno in (errno.EROFS,
+                                                                         errno.EACCES):
+            raise StoreUnavailable(f"cannot create sessions in {SHM_DIR} ({exc})") from None
+        raise
     fd = memory.fd
     mapping = header = semaphore = None
     try:

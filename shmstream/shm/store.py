@@ -15,7 +15,7 @@ from time import perf_counter_ns
 
 from posix_ipc import BusyError
 
-from shmstream.shm import layout, segment
+from shmstream.shm import layout, segment, waiter
 from shmstream.shm.layout import FLAG_CANCEL, FLAG_RING_CAPPED, CorruptSegment
 from shmstream.shm.quota import Quota, pages
 from shmstream.shm.sync import (
@@ -32,6 +32,7 @@ from shmstream.store.errors import InvalidConversationId, OffsetLost
 from shmstream.store.interface import (
     DEFAULT_CAPACITY,
     DEFAULT_TTL,
+    WAKE_INTERVAL,
     GCReport,
     Session,
     SessionInfo,
@@ -93,6 +94,7 @@ class ShmSession(Session):
         self._fast = False  # bytes arrived less than SPIN_NS apart lately
         self._last_data_ns = 0
         self._closed = False
+        self._evented = False  # read by aread: this process's waiter wakes it (waiter.py)
 
     # --- producing ------------------------------------------------------------------------
     def append(self, data) -> bool:
@@ -244,7 +246,7 @@ class ShmSession(Session):
                 # Arm the futex wait while still holding the lock, so the producer sees us
                 # counted before it next publishes. A reader fed faster than SPIN_NS spins
                 # first instead (see _sleep) and stays invisible to the producer.
-                self._armed = not self._fast
+                self._armed = not (self._fast or self._evented)
                 if self._armed:
                     i[_WAITERS_I] += 1
         finally:
@@ -281,6 +283,16 @@ class ShmSession(Session):
             with self._lock:
                 if self._i[_FUTEX_I] == self._ticket:
                     self._i[_WAITERS_I] -= 1
+
+    def aread(self, offset: int = 0, wake_interval: float = WAKE_INTERVAL,
+              limit: int | None = None):
+        # An event-loop reader never spins (that would hold the GIL) and never arms a futex
+        # wait of its own: the process's one waiter per session wakes it (shm/waiter.py).
+        self._evented = True
+        return super().aread(offset, wake_interval, limit)
+
+    async def _await_change(self, timeout: float) -> None:
+        await waiter.hub().wait(self.segment, self._ticket, timeout)
 
     def close(self) -> None:
         if not self._closed:

@@ -1,0 +1,167 @@
+"""Response bodies that stream on the event loop and end when the client leaves.
+
+Falcon iterates ``resp.stream`` and sends each chunk (awaiting the server's flow control,
+so a slow client never buffers without bound), but it does not listen for
+``http.disconnect`` while it streams. :func:`with_client_link` wraps the ASGI app so each
+request's ``receive`` goes through a :class:`ClientLink` (``req.scope[LINK_KEY]``); a
+streaming body watches that link in one task for its lifetime and, like Starlette's
+``StreamingResponse``, cancels the body's wait the moment the client goes, even while no
+bytes flow. A chunk costs no extra task: the watcher only acts on a disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from shmstream import metrics
+from shmstream.store.errors import OffsetLost
+from shmstream.store.interface import Session
+
+LINK_KEY = "shmstream.client"
+
+
+class ClientLink:
+    """One request's ``receive``, seen by the app and by its streaming body.
+
+    The app reads the request body through :meth:`receive` as usual; once it streams,
+    :meth:`gone` waits for the server's ``http.disconnect`` (the body is complete by then,
+    so the server answers ``receive`` only when the client leaves)."""
+
+    def __init__(self, receive: Callable[[], Awaitable[dict]]):
+        self._receive = receive
+        self.disconnected = False
+        self._listener: asyncio.Task | None = None
+
+    async def receive(self) -> dict:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    async def gone(self) -> None:
+        """Return once the client has disconnected (request body left unread is dropped).
+
+        One listener task per request does the waiting, and cancelling ``gone`` never
+        cancels it: gunicorn's asgi worker (27.0.1, ``_wait_for_disconnect``) marks the
+        request disconnected when a pending ``receive()`` is cancelled, which ended a
+        caller's stream after its first chunk once the wait for the relay's answer was
+        given up."""
+        if self.disconnected:
+            return
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        await asyncio.shield(self._listener)
+
+    async def _listen(self) -> None:
+        while not self.disconnected:
+            await self.receive()
+
+    def close(self) -> None:
+        """The request is over: stop listening."""
+        if self._listener is not None and not self._listener.done():
+            self._listener.cancel()
+
+
+def with_client_link(app):
+    """The ASGI app ``app`` with a :class:`ClientLink` in every HTTP request's scope."""
+
+    async def application(scope, receive, send):
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        link = ClientLink(receive)
+        scope[LINK_KEY] = link
+        try:
+            await app(scope, link.receive, send)
+        finally:
+            link.close()
+
+    application.falcon_app = app
+    return application
+
+
+class ClientBoundStream:
+    """An async iterator over ``chunks`` that ends (``StopAsyncIteration``) when the
+    client disconnects, also in the middle of a wait for the next chunk. ``close()``
+    (Falcon calls it after the last chunk) stops the watcher and runs ``on_close``."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], link: ClientLink | None,
+                 on_close: Callable[[], Awaitable[None] | None] | None = None):
+        self._chunks = chunks
+        self._link = link
+        self._on_close = on_close
+        self._task: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._waiting = False
+        self._cancelled_by_us = False
+        self._closed = False
+
+    def __aiter__(self) -> ClientBoundStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        link = self._link
+        if self._closed or (link is not None and link.disconnected):
+            raise StopAsyncIteration
+        if self._watcher is None and link is not None:
+            self._task = asyncio.current_task()
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(link))
+        self._waiting = True
+        try:
+            return await self._chunks.__anext__()
+        except asyncio.CancelledError:
+            # Ours (the client left): end the body. Anyone else's: let it through.
+            if self._cancelled_by_us and self._task is not None and \
+                    self._task.uncancel() == 0:
+                raise StopAsyncIteration from None
+            raise
+        finally:
+            self._waiting = False
+
+    async def _watch(self, link: ClientLink) -> None:
+        await link.gone()
+        if self._waiting and self._task is not None and not self._closed:
+            self._cancelled_by_us = True
+            self._task.cancel()  # lands in __anext__'s await (the body's wait)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+        if self._on_close is not None:
+            result = self._on_close()
+            if result is not None:
+                await result
+
+
+async def session_chunks(session: Session, offset: int, wake_interval: float
+                         ) -> AsyncIterator[bytes]:
+    """The session from ``offset``, live; ends quietly when the reader is lapped (the
+    client re-attaches and gets the ``offset lost`` answer)."""
+    try:
+        async for chunk in session.aread(offset, wake_interval=wake_interval):
+            yield chunk
+    except OffsetLost:
+        metrics.offset_lost("lapped")
+
+
+def session_body(session: Session, offset: int, link: ClientLink | None,
+                 wake_interval: float) -> ClientBoundStream:
+    """A response body reading ``session`` live from ``offset``; it closes the handle."""
+    metrics.reader_attached()
+
+    def release() -> None:
+        metrics.reader_detached()
+        session.close()
+
+    return ClientBoundStream(session_chunks(session, offset, wake_interval), link, release)

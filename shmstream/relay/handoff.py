@@ -1,0 +1,218 @@
+"""The hand-off between an HTTP worker and a relay process (the HTTP worker's side, asyncio).
+
+An HTTP worker that accepts a streamed completion does not talk to the upstream itself:
+
+    ticket = await client.submit(RelayRequest(...))   # the relay created the session
+    answer = await ticket.answer()                    # the upstream's status line is in
+    session = store.get(conversation_id)              # then read it as any reader does
+    if session is None or not ticket.owns(session.info()): ...  # replaced meanwhile
+
+- :meth:`RelayClient.submit` returns once a relay process has created (or replaced) the
+  session, so the session exists from the request's arrival and its producer identity is
+  the relay process, not this worker. It raises what the store raised there
+  (``StoreUnavailable`` for a quota or a full store, ``InvalidConversationId``) and
+  :class:`RelayUnavailable` (503) when no relay answers within ``submit_timeout``.
+- :meth:`RelayTicket.answer` resolves when the upstream answered (after prompt
+  processing): a :class:`RelayAnswer` with the upstream's status and headers, and its body
+  for a non-2xx answer (PROTOCOL.md rule 2: sent to the caller unchanged); for a stream
+  ``body`` is None and the caller's response is the session from offset 0.
+- Closing the ticket (the caller left, the worker is killed) never cancels the
+  generation: it only closes this request's connection (PROTOCOL.md rule 4). Cancelling is
+  the store's business (DELETE, replace), wherever the producer runs.
+
+The token the relay puts in the session's metadata (``TOKEN_KEY``) tells this request's
+session from a later one with the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from shmstream.relay import wire
+from shmstream.store import errors
+from shmstream.store.errors import ShmstreamError
+from shmstream.store.interface import SessionInfo
+
+SOCKET_ENV = "SHMSTREAM_RELAY_SOCKET"  # set by the gunicorn master for its HTTP workers
+TOKEN_KEY = "relay_token"  # in the session's metadata: which request created it
+SUBMIT_TIMEOUT = 10.0  # seconds for a relay to accept and create the session
+
+
+class RelayUnavailable(ShmstreamError):
+    """No relay process took the request in time, or the relay went away before the
+    upstream answered."""
+
+    status = 503
+    error_type = "unavailable_error"
+    default_message = "No relay process available"
+
+
+@dataclass(frozen=True)
+class RelayRequest:
+    conversation_id: str
+    method: str  # "POST"
+    target: str  # path + "?" + query as received (still percent-encoded)
+    # already filtered for the upstream (no hop-by-hop, no Host, no X-Conversation-Id),
+    # names and values as latin-1 text
+    headers: list[tuple[str, str]]
+    body: bytes
+    metadata: dict = field(default_factory=dict)  # for the session (model, ...)
+
+
+@dataclass(frozen=True)
+class RelayAnswer:
+    status: int  # the upstream's status line (or 502/503 made by the relay)
+    headers: list[tuple[str, str]]  # response headers to pass on (reframed already)
+    body: bytes | None  # the error body of a non-2xx answer, unchanged; None for a stream
+
+    @property
+    def streams(self) -> bool:
+        """Whether the caller's response is the session read from offset 0."""
+        return self.body is None
+
+
+# Errors the relay reports by name; anything else becomes a ShmstreamError of its status.
+_REFUSALS: dict[str, type[ShmstreamError]] = {
+    cls.__name__: cls for cls in (
+        errors.StoreUnavailable, errors.InvalidConversationId, errors.InvalidRequest,
+        errors.MissingConversationId, errors.PayloadTooLarge, RelayUnavailable,
+    )
+}
+
+
+def refusal_error(message: dict) -> ShmstreamError:
+    """The exception a ``refused`` frame stands for."""
+    cls = _REFUSALS.get(str(message.get("error")))
+    if cls is not None:
+        return cls(str(message.get("message") or cls.default_message))
+    exc = ShmstreamError(str(message.get("message") or "relay refused the request"))
+    exc.status = int(message.get("status") or 500)
+    exc.error_type = str(message.get("type") or "server_error")
+    return exc
+
+
+class RelayTicket:
+    """A submitted request: the session's token, and the upstream's answer to come.
+
+    Holds the request's connection to its relay until :meth:`answer` resolved or
+    :meth:`close` was called; neither cancels the generation."""
+
+    def __init__(self, conversation_id: str, token: str,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.conversation_id = conversation_id
+        self.token = token
+        self._reader = reader
+        self._writer: asyncio.StreamWriter | None = writer
+        self._answer: RelayAnswer | None = None
+
+    def owns(self, info: SessionInfo) -> bool:
+        """Whether ``info`` is the session this request created (not a later replacement)."""
+        return info.conversation_id == self.conversation_id and \
+            info.metadata.get(TOKEN_KEY) == self.token
+
+    async def answer(self) -> RelayAnswer:
+        """The upstream's answer (waits through prompt processing).
+
+        Raises :class:`RelayUnavailable` when the relay went away first (its session then
+        ends ``aborted``). Idempotent: a second call returns the same answer."""
+        if self._answer is not None:
+            return self._answer
+        if self._writer is None:
+            raise RelayUnavailable("relay ticket closed before the upstream answered")
+        try:
+            message = await wire.read_frame(self._reader)
+        except (OSError, asyncio.IncompleteReadError, wire.FrameError):
+            message = None
+        finally:
+            self.close()
+        if message is None or message.get("op") != "answer":
+            raise RelayUnavailable("relay process went away before the upstream answered")
+        body = message.get("body")
+        self._answer = RelayAnswer(
+            status=int(message["status"]),
+            headers=[(str(k), str(v)) for k, v in message.get("headers") or []],
+            body=bytes(body) if body is not None else None,
+        )
+        return self._answer
+
+    def close(self) -> None:
+        """Drop the connection (the caller left): the generation goes on."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def __aenter__(self) -> RelayTicket:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.close()
+
+
+class RelayClient:
+    """One per HTTP worker process: submits completions to the relay processes listening
+    on ``socket_path`` (whichever relay accepts the connection takes the request).
+
+    Holds no connection between requests, so it may be used from any event loop."""
+
+    def __init__(self, socket_path: str, submit_timeout: float = SUBMIT_TIMEOUT):
+        self.socket_path = socket_path
+        self.submit_timeout = submit_timeout
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> RelayClient:
+        """The client for the relays of this service (``SHMSTREAM_RELAY_SOCKET``).
+
+        Raises RuntimeError when the variable is unset (not started by shmstream's
+        gunicorn hooks: use :class:`~shmstream.relay.local.LocalRelay` to embed)."""
+        environ = os.environ if environ is None else environ
+        path = environ.get(SOCKET_ENV)
+        if not path:
+            raise RuntimeError(f"{SOCKET_ENV} is not set: no relay processes to hand "
+                               "completions to (start through shmstream's gunicorn config, "
+                               "or embed a LocalRelay)")
+        return cls(path)
+
+    async def submit(self, request: RelayRequest) -> RelayTicket:
+        """Hand ``request`` to a relay; returns once the session was created.
+
+        Raises the store's refusal (StoreUnavailable, InvalidConversationId, ...) or
+        :class:`RelayUnavailable` when no relay answers within ``submit_timeout``."""
+        try:
+            async with asyncio.timeout(self.submit_timeout):
+                return await self._submit(request)
+        except TimeoutError:
+            raise RelayUnavailable(
+                f"no relay process answered within {self.submit_timeout:g} s") from None
+
+    async def _submit(self, request: RelayRequest) -> RelayTicket:
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.socket_path)
+        except OSError as exc:
+            raise RelayUnavailable(f"cannot reach the relay processes: {exc}") from None
+        try:
+            await wire.write_frame(writer, {
+                "op": "submit",
+                "conversation_id": request.conversation_id,
+                "method": request.method,
+                "target": request.target,
+                "headers": [list(pair) for pair in request.headers],
+                "body": request.body,
+                "metadata": request.metadata,
+            })
+            message = await wire.read_frame(reader)
+        except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+            writer.close()
+            raise RelayUnavailable(f"relay connection failed: {exc}") from None
+        except BaseException:
+            writer.close()
+            raise
+        if message is not None and message.get("op") == "created":
+            return RelayTicket(request.conversation_id, str(message["token"]), reader, writer)
+        writer.close()
+        if message is not None and message.get("op") == "refused":
+            raise refusal_error(message)
+        raise RelayUnavailable("relay closed the connection before creating the session")

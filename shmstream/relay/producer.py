@@ -1,0 +1,268 @@
+"""One streamed completion pumped from the upstream into its session, as an asyncio task.
+
+The pump and the relay's ticker (:meth:`Producer.tick`, every ~50 ms) run on the same event
+loop, so a step of one never interleaves with a step of the other: what the ticker decides
+(ping, cancel) it decides on state the pump set in the same synchronous step as its append.
+
+Pings (issue 16): ``:\\n\\n`` goes in only while the upstream response is open and has been
+silent for ``ping_interval``, at an event boundary, and never once the upstream's terminal
+event was appended. The pump marks the stream ``ended`` in the very step that appends a
+terminal event (``data: [DONE]``, /v1/messages' ``message_stop``, /v1/responses'
+``response.completed``/``failed``/``incomplete``) and when the body ends, before it awaits
+anything (closing the response, finalizing); so however late the pump runs again, no
+ping lands after the upstream's last byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+
+from shmstream import metrics
+from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest, AsyncUpstreamResponse
+from shmstream.relay.handoff import RelayAnswer
+from shmstream.relay.upstream import (
+    JSON_TYPE,
+    MAX_ERROR_BODY,
+    PING,
+    UpstreamError,
+    error_event,
+    error_object,
+    response_headers,
+)
+from shmstream.store.ids import short_hash
+from shmstream.store.interface import Session
+from shmstream.store.states import State
+
+log = logging.getLogger("shmstream.relay.producer")
+
+SSE_ANSWER = RelayAnswer(200, [("Content-Type", "text/event-stream")], None)
+
+# The last event of an answer, per API: OpenAI-style "[DONE]", Anthropic's message_stop,
+# the Responses API's final response events.
+_TERMINAL = re.compile(
+    rb"(?:^|\n)data: ?\[DONE\][ \t]*\r?\n"
+    rb"|(?:^|\n)event: ?(?:message_stop|response\.completed|response\.failed"
+    rb"|response\.incomplete)[ \t]*\r?\n"
+)
+_TAIL = 64  # bytes of the previous chunk kept to find a terminal event split across chunks
+
+
+def _at_boundary(tail: bytes) -> bool:
+    """Whether bytes ending in ``tail`` end an SSE event (or are empty), so a ping can go
+    in without splitting an event."""
+    return not tail or tail.endswith((b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n"))
+
+
+def upstream_error(status: int, reason: str, body: bytes) -> dict:
+    """The error object for the session: the upstream's own ``error`` object when its
+    body has one, else one made from its status."""
+    message = None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict):
+            return error
+        for key in ("error", "message", "detail"):
+            if isinstance(parsed.get(key), str):
+                message = parsed[key]
+                break
+    elif body and len(body) <= 1024:
+        text = body.decode("utf-8", "replace").strip()
+        message = text or None
+    return error_object(status, message or f"upstream returned {status} {reason}".strip())
+
+
+class Producer:
+    """Relays one completion into ``session``; owns the session handle (appends,
+    finalizes, closes it). ``on_answer`` is called once with the caller's answer."""
+
+    def __init__(self, session: Session, upstream: AsyncUpstream,
+                 request: AsyncUpstreamRequest, ping_interval: float,
+                 on_answer: Callable[[RelayAnswer], None] | None = None):
+        self.session = session
+        self.upstream = upstream
+        self.request = request
+        self.ping_interval = ping_interval
+        self.log_id = short_hash(session.conversation_id)
+        self.started = time.monotonic()
+        self.answer: RelayAnswer | None = None
+        self.final_state: State | None = None
+        self.task: asyncio.Task | None = None
+        self.ended = False  # the upstream's last byte is in: no ping from now on
+        self.open = True  # the session handle is usable
+        self.stop_reason: str | None = None  # why the task was cancelled from outside
+        self._on_answer = on_answer
+        self._tail = b""
+        self._last_append = time.monotonic()
+        self._bytes = 0
+        self._bytes_reported = 0
+
+    # --- the pump ---------------------------------------------------------------------
+    def start(self) -> asyncio.Task:
+        self.task = asyncio.get_running_loop().create_task(
+            self.run(), name=f"producer-{self.log_id}")
+        self.task.add_done_callback(self._done)
+        return self.task
+
+    def _done(self, task: asyncio.Task) -> None:
+        # A task cancelled before its first step never ran ``run``'s finally.
+        if self.open:
+            self.open = False
+            try:
+                self.session.finalize(State.ABORTED)
+            finally:
+                self.session.close()
+            self._set_answer(SSE_ANSWER)
+
+    def _set_answer(self, answer: RelayAnswer) -> None:
+        if self.answer is None:
+            self.answer = answer
+            if self._on_answer is not None:
+                self._on_answer(answer)
+
+    def append(self, data: bytes) -> bool:
+        """Append upstream bytes; marks the stream ``ended`` in the same step when they
+        hold a terminal event. False once the session was finalized by someone else."""
+        if not self.open:
+            return False
+        appended = self.session.append(data)
+        self._last_append = time.monotonic()
+        window = self._tail + data
+        if _TERMINAL.search(window):
+            self.ended = True
+        self._tail = window[-_TAIL:]
+        self._bytes += len(data)
+        return appended
+
+    def _append_error(self, error: dict) -> None:
+        prefix = b"" if _at_boundary(self._tail) else b"\n\n"  # end a torn event first
+        self.append(prefix + error_event(error))
+        self.ended = True
+
+    def _stopped(self) -> bool:
+        return self.stop_reason is not None or self.session.producer_should_stop
+
+    async def run(self) -> State:
+        state = State.FAILED
+        response: AsyncUpstreamResponse | None = None
+        try:
+            try:
+                response = await self.upstream.open(self.request)
+            except UpstreamError as exc:
+                error = error_object(502, exc.message, "server_error")
+                self._set_answer(RelayAnswer(502, [("Content-Type", JSON_TYPE)],
+                                             json.dumps({"error": error}).encode()))
+                self._append_error(error)
+                metrics.upstream_error("unreachable")
+                log.warning("session upstream-failed id=%s error=%r", self.log_id, exc.message)
+                return state
+            log.info("session upstream-answered id=%s status=%d after=%.3fs", self.log_id,
+                     response.status, time.monotonic() - self.started)
+            if not 200 <= response.status < 300:
+                metrics.upstream_error("status")
+                body = await response.read(MAX_ERROR_BODY)
+                self._set_answer(RelayAnswer(response.status,
+                                             response_headers(response.headers, reframed=True),
+                                             body))
+                self._append_error(upstream_error(response.status, response.reason, body))
+                return state
+            self._set_answer(RelayAnswer(response.status,
+                                         response_headers(response.headers, reframed=True),
+                                         None))
+            async for chunk in response.aiter_bytes():
+                if not self.append(chunk):
+                    break  # finalized by someone else (cancelled, replaced, shut down)
+            self.ended = True  # same step as the loop's end: no await in between
+            state = State.DONE
+        except UpstreamError as exc:
+            if not self._stopped():
+                self._append_error(error_object(502, exc.message, "server_error"))
+                metrics.upstream_error("broken")
+                log.warning("session upstream-broke id=%s error=%r", self.log_id, exc.message)
+        except asyncio.CancelledError:
+            state = State.CANCELLED if self.stop_reason != "abort" else State.ABORTED
+            # Finish below, then let the cancellation through.
+            raise
+        except Exception:
+            log.exception("session producer-crashed id=%s", self.log_id)
+            self._append_error(error_object(500, "Internal server error", "server_error"))
+        finally:
+            self.ended = True
+            await self._finish(state, response)
+        return self.final_state or state
+
+    async def _finish(self, state: State, response: AsyncUpstreamResponse | None) -> None:
+        if response is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(response.aclose())
+        self.open = False
+        self.report_bytes()
+        try:
+            if self.session.producer_should_stop:
+                info = self.session.info()
+                self._observe_cancel(info)
+            if self.session.finalize(state):
+                self.final_state = state
+            else:
+                self.final_state = self.session.info().state
+        except Exception:
+            log.exception("session finalize-failed id=%s", self.log_id)
+        finally:
+            self.session.close()
+        self._set_answer(SSE_ANSWER)  # cancelled or aborted before the upstream answered
+        log.info("session ended id=%s state=%s bytes=%d seconds=%.3f", self.log_id,
+                 self.final_state.label if self.final_state else "?", self._bytes,
+                 time.monotonic() - self.started)
+        if self.final_state is not None:
+            metrics.session_ended(self.final_state.label)
+
+    # --- the ticker's side --------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """One ticker pass: cut the call if the session was cancelled anywhere; ping if
+        the upstream is open and silent, at an event boundary."""
+        if not self.open or self.stop_reason is not None:
+            return
+        self.report_bytes()
+        if self.session.producer_should_stop:
+            self.stop("cancel")
+            log.info("session cancel-observed id=%s upstream call closed", self.log_id)
+            return
+        if not self.ended and now - self._last_append >= self.ping_interval:
+            if _at_boundary(self._tail):
+                self.session.append(PING)
+                self._tail = PING
+                metrics.bytes_appended(len(PING))
+            self._last_append = now
+
+    def stop(self, reason: str) -> None:
+        """Cut the upstream call: ``"cancel"`` (the session was cancelled or replaced) or
+        ``"abort"`` (the relay shuts down: the session ends ``aborted``)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if reason == "abort" and self.open:
+            try:
+                self.session.finalize(State.ABORTED)
+            except Exception:
+                log.exception("session abort-failed id=%s", self.log_id)
+        if self.task is not None:
+            self.task.cancel()
+
+    def report_bytes(self) -> None:
+        """Count the bytes appended since the last call in /metrics (once per tick, not on
+        every append: the hot path stays free of it)."""
+        if self._bytes != self._bytes_reported:
+            metrics.bytes_appended(self._bytes - self._bytes_reported)
+            self._bytes_reported = self._bytes
+
+    def _observe_cancel(self, info) -> None:
+        if info.state is State.CANCELLED and info.completed_at:
+            metrics.cancel_latency(time.time() - info.completed_at)

@@ -1,0 +1,182 @@
+"""The relay's event loop: accept hand-offs, run their producers, tick, drain.
+
+One :class:`RelayServer` per relay process (or per :class:`~shmstream.relay.local.LocalRelay`)
+serves the frames of :mod:`shmstream.relay.wire` on a listening unix socket:
+
+1. ``submit`` -> ``create_or_replace`` the session (its producer identity is this process),
+   start a :class:`~shmstream.relay.producer.Producer` task, answer ``created`` with the
+   token written into the session's metadata (or ``refused`` with the store's error);
+2. when the upstream's status line arrives, send ``answer`` and close the connection.
+
+The connection is the caller's only: when it closes (caller gone, HTTP worker killed) the
+producer goes on. One ticker task per server makes cancellations land (a header peek per
+active session every ``TICK``) and pings silent streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+
+from shmstream import metrics
+from shmstream.relay import wire
+from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest
+from shmstream.relay.handoff import TOKEN_KEY, RelayAnswer
+from shmstream.relay.producer import Producer
+from shmstream.store.errors import ShmstreamError
+from shmstream.store.interface import SessionStore
+
+log = logging.getLogger("shmstream.relay.server")
+
+TICK = 0.05  # seconds between two cancel/ping passes: a DELETE lands within ~this
+
+
+class RelayServer:
+    """Relays completions handed over by HTTP workers into ``store``."""
+
+    def __init__(self, store: SessionStore, upstream: AsyncUpstream, ping_interval: float,
+                 tick: float = TICK):
+        self.store = store
+        self.upstream = upstream
+        self.ping_interval = ping_interval
+        self.tick = tick
+        self.producers: set[Producer] = set()
+        self.accepting = False
+        self._server: asyncio.AbstractServer | None = None
+        self._ticker: asyncio.Task | None = None
+        self._idle = asyncio.Event()  # no producer runs
+        self._idle.set()
+
+    # --- listening --------------------------------------------------------------------
+    async def start(self, sock: socket.socket) -> None:
+        """Accept hand-offs on ``sock`` (a listening unix socket, maybe shared with other
+        relay processes: whichever accepts a connection serves it)."""
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        self.accepting = True
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(),
+                                                               name="relay-ticker")
+
+    def stop_accepting(self) -> None:
+        """Accept no more hand-offs (the shared listening socket stays open in the master
+        and the other relays, so nothing is refused meanwhile)."""
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+
+    # --- one hand-off -------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            message = await wire.read_frame(reader)
+            if message is None or message.get("op") != "submit":
+                return
+            answered = asyncio.get_running_loop().create_future()
+            reply = self.submit(message, answered)
+            await wire.write_frame(writer, reply)
+            if reply["op"] != "created":
+                return
+            answer: RelayAnswer = await answered
+            await wire.write_frame(writer, {"op": "answer", "status": answer.status,
+                                            "headers": [list(h) for h in answer.headers],
+                                            "body": answer.body})
+        except (OSError, asyncio.IncompleteReadError, wire.FrameError):
+            pass  # the caller went away: the generation is not its to stop
+        finally:
+            writer.close()
+
+    def submit(self, message: dict, answered: asyncio.Future) -> dict:
+        """Create the session and start its producer; the reply frame for the worker.
+
+        ``answered`` gets the :class:`RelayAnswer` when the upstream answered."""
+        try:
+            conversation_id = str(message["conversation_id"])
+            headers = [(str(k), str(v)) for k, v in message.get("headers") or []]
+            request = AsyncUpstreamRequest(str(message.get("method") or "POST"),
+                                           str(message["target"]), headers,
+                                           bytes(message.get("body") or b""))
+            metadata = dict(message.get("metadata") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"op": "refused", "status": 400, "type": "invalid_request_error",
+                    "error": "InvalidRequest", "message": f"bad hand-off: {exc}"}
+        token = secrets.token_hex(8)
+        metadata[TOKEN_KEY] = token
+        try:
+            session = self.store.create_or_replace(conversation_id, metadata=metadata)
+        except ShmstreamError as exc:
+            return {"op": "refused", "status": exc.status, "type": exc.error_type,
+                    "error": type(exc).__name__, "message": exc.message}
+        except Exception as exc:
+            log.exception("relay: create_or_replace failed")
+            return {"op": "refused", "status": 500, "type": "server_error",
+                    "error": type(exc).__name__, "message": "Internal server error"}
+
+        def on_answer(answer: RelayAnswer) -> None:
+            if not answered.done():
+                answered.set_result(answer)
+
+        producer = Producer(session, self.upstream, request, self.ping_interval, on_answer)
+        replaced = bool(getattr(session, "replaced", False))
+        metrics.session_created(replaced)
+        log.info("session started id=%s pid=%d route=%s replaced=%s", producer.log_id,
+                 os.getpid(), request.target.split("?", 1)[0], "yes" if replaced else "no")
+        self.producers.add(producer)
+        self._idle.clear()
+        producer.start().add_done_callback(lambda _task: self._forget(producer))
+        return {"op": "created", "token": token}
+
+    def _forget(self, producer: Producer) -> None:
+        self.producers.discard(producer)
+        if not self.producers:
+            self._idle.set()
+
+    # --- the ticker ---------------------------------------------------------------------
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            for producer in list(self.producers):
+                try:
+                    producer.tick(now)
+                except Exception:
+                    log.exception("relay tick failed id=%s", producer.log_id)
+
+    # --- ending ---------------------------------------------------------------------------
+    async def drain(self, timeout: float | None) -> int:
+        """Stop accepting, let running answers finish for up to ``timeout`` seconds (None:
+        as long as they take), then abort what still runs. Returns how many were aborted."""
+        self.stop_accepting()
+        if self.producers:
+            log.info("relay pid %d: draining %d running answer(s)%s", os.getpid(),
+                     len(self.producers),
+                     f" for up to {timeout:g} s" if timeout is not None else "")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+        return await self.abort_all()
+
+    async def abort_all(self) -> int:
+        """End every running session ``aborted`` at once and close its upstream call."""
+        self.stop_accepting()
+        running = list(self.producers)
+        for producer in running:
+            producer.stop("abort")
+        if running:
+            log.warning("relay pid %d: aborted %d running session(s)", os.getpid(),
+                        len(running))
+            metrics.producers_reaped(len(running), "shutdown")
+            await asyncio.gather(*(p.task for p in running if p.task is not None),
+                                 return_exceptions=True)
+        return len(running)
+
+    async def close(self) -> None:
+        """Abort what runs, stop the ticker, release the upstream pool."""
+        await self.abort_all()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.upstream.aclose()

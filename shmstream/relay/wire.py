@@ -1,0 +1,65 @@
+"""The frames between an HTTP worker and a relay process, over a unix stream socket.
+
+One connection per completion request (a connect costs tens of microseconds, and a
+connection that belongs to one request makes "the caller went away" a plain EOF that the
+relay may ignore). A frame is a 4-byte big-endian length and a msgpack map with an ``op``:
+
+    worker -> relay   {"op": "submit", "conversation_id", "method", "target",
+                       "headers": [[name, value], ...], "body": <bin>, "metadata": {...}}
+    relay -> worker   {"op": "created", "token"}            the session exists
+                      {"op": "refused", "status", "type", "error", "message"}
+                      {"op": "answer", "status", "headers", "body": <bin> | None}
+
+Nothing here knows sessions or HTTP; :mod:`shmstream.relay.handoff` (worker side) and
+:mod:`shmstream.relay.server` (relay side) give the frames their meaning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import msgpack
+
+MAX_FRAME = 80 * 1024 * 1024  # a completion body may be up to 64 MiB (images)
+_LENGTH = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """A frame that is too large or not a msgpack map with an ``op``."""
+
+
+def encode(message: dict) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        raise FrameError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return _LENGTH.pack(len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict | None:
+    """The next message, or None at a clean EOF between frames.
+
+    Raises FrameError for a malformed frame and ``asyncio.IncompleteReadError`` for an EOF
+    inside one."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise
+    (size,) = _LENGTH.unpack(head)
+    if size > MAX_FRAME:
+        raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    payload = await reader.readexactly(size)
+    try:
+        message = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise FrameError(f"undecodable frame: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise FrameError("a frame must be a map with an 'op'")
+    return message
+
+
+async def write_frame(writer: asyncio.StreamWriter, message: dict) -> None:
+    writer.write(encode(message))
+    await writer.drain()
