@@ -73,7 +73,7 @@ from shmstream.store.ids import MAX_META_BYTES, encode_metadata  # noqa: F401 - 
 from shmstream.store.states import State
 
 MAGIC = 0x534D4853  # b"SHMS" little-endian
-VERSION = 2  # 1: `dropped` stored at offset 16, the ring fully reserved up front
+VERSION = 3  # 1: `dropped` stored, ring reserved up front; 2: no lock stamp, scopes, write_end
 MAGIC_VERSION = MAGIC | (VERSION << 32)
 
 # Byte offsets, computed from a running position so a change to one field moves the rest.
