@@ -15,7 +15,8 @@ FIELD_SIZES = {
     "MAGIC": 4, "VERSION": 4, "STATE": 4, "FLAGS": 4, "TOTAL": 8, "ALLOCATED": 8,
     "CAPACITY": 8, "STARTED_AT": 8, "COMPLETED_AT": 8, "PRODUCER_PID": 8,
     "PRODUCER_START": 8, "LOCK_OWNER": 8, "FUTEX": 4, "WAITERS": 4, "META_LENGTH": 4,
-    "RING_OFFSET": 4,
+    "RING_OFFSET": 4, "LOCK_STAMP": 8, "LOCK_OWNER_SCOPE": 8, "PRODUCER_SCOPE": 8,
+    "WRITE_END": 8,
 }
 
 
@@ -178,11 +179,12 @@ def lying(field: str, value):
     (lying("ALLOCATED_Q", 10**6), "allocated ring extends past the end"),
     (lying("STATE_I", 99), "unknown state"),
     (lying("MAGIC_VERSION_Q", layout.MAGIC | ((layout.VERSION + 1) << 32)), "version"),
-    (lying("MAGIC_VERSION_Q", layout.MAGIC | (1 << 32)), "layout version 1, expected 2"),
+    (lying("MAGIC_VERSION_Q", layout.MAGIC | (1 << 32)), "layout version 1, expected 3"),
+    (lying("MAGIC_VERSION_Q", layout.MAGIC | (2 << 32)), "layout version 2, expected 3"),
     (lying("MAGIC_VERSION_Q", layout.MAGIC_VERSION ^ 1), "bad magic"),
 ], ids=["ring-past-end", "zero-capacity", "ring-offset-past-end", "ring-over-header",
         "huge-metadata", "allocated-past-end", "unknown-state", "newer-version",
-        "version-1", "bad-magic"])
+        "version-1", "version-2 (no scopes)", "bad-magic"])
 def test_validate_rejects_lying_headers(mutate, match):
     buffer, header = make_header(capacity=256)
     mutate(header)

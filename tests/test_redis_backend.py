@@ -28,6 +28,28 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool
     return _wait_until(predicate, timeout, interval)
 
 
+# Leases long enough that a renewal thread starved by a loaded machine never misses one
+# (renewals run every lease / 4); the tests wait on renewals and expiry, not on a clock.
+LEASE = 2.0
+
+
+def wait_for_renewals(store, count: int = 2, timeout: float = 30.0) -> bool:
+    """Whether the lease keys of ``store``'s namespace were renewed ``count`` times (their
+    remaining time went up) within ``timeout`` seconds."""
+    pattern = f"{store._prefix}l:*"
+    seen = {"renewals": 0, "last": None}
+
+    def renewed() -> bool:
+        keys = list(store._redis.scan_iter(match=pattern))
+        remaining = max((store._redis.pttl(key) for key in keys), default=-2)
+        if seen["last"] is not None and remaining > seen["last"]:
+            seen["renewals"] += 1
+        seen["last"] = remaining
+        return seen["renewals"] >= count
+
+    return _wait_until(renewed, timeout, 0.02)
+
+
 def run_python(code: str, *args: str) -> subprocess.Popen:
     """A fresh interpreter running ``code`` (with ``sys.argv[1:] == args``)."""
     return subprocess.Popen(
@@ -59,24 +81,24 @@ class Reader(threading.Thread):
 
 
 def test_expired_lease_aborts_the_session_and_ends_a_blocked_reader(redis_stores):
-    producer_store = redis_stores(lease=0.4)
+    producer_store = redis_stores(lease=LEASE)
     reader_store = redis_stores()
     producer = producer_store.create_or_replace("orphan")
     producer.append(b"before the crash")
     reader = Reader(reader_store.get("orphan"))
     reader.start()
     assert wait_until(lambda: bytes(reader.data) == b"before the crash")
-    time.sleep(1.0)  # renewals keep it alive well past one lease
+    assert wait_for_renewals(producer_store), "the lease was not renewed"
     assert reader.is_alive()
     assert producer.info().state is State.RUNNING and producer.info().producer_alive
 
     died_at = time.monotonic()
     producer_store.close()  # its lease thread stops: the producer is "dead"
-    reader.join(10)
+    reader.join(30)
     assert not reader.is_alive(), "the reader kept waiting on a dead producer's session"
     assert reader.error is None
-    # lease (0.4 s) + an idle reader's recheck (1 s) + one wake interval, with slack
-    assert reader.ended_at - died_at < 3.0
+    # lease (2 s) + an idle reader's recheck (1 s) + one wake interval, with slack
+    assert reader.ended_at - died_at < 15.0
     info = reader_store.get("orphan").info()
     assert info.state is State.ABORTED and not info.producer_alive
     assert bytes(reader.data) == b"before the crash"
@@ -88,7 +110,7 @@ def test_gc_aborts_sessions_of_a_killed_producer_process(redis_stores):
         """
         import sys, time
         from shmstream.redis.store import RedisStore
-        store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease=0.3)
+        store = RedisStore.from_url(sys.argv[1], namespace=sys.argv[2], lease=2.0)
         session = store.create_or_replace("killed")
         session.append(b"x")
         print("ready", flush=True)
@@ -98,13 +120,14 @@ def test_gc_aborts_sessions_of_a_killed_producer_process(redis_stores):
     )
     try:
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.6)
+        assert wait_for_renewals(store, count=1), "the child never renewed its lease"
         assert store.gc().aborted == 0  # renewed: alive
         child.send_signal(signal.SIGKILL)
         child.wait(10)
-        time.sleep(0.5)
-        report = store.gc()
-        assert report.aborted == 1
+        aborted = []  # gc passes until the lease ran out
+        assert wait_until(lambda: aborted.append(store.gc().aborted) or sum(aborted),
+                          timeout=30, interval=0.1)
+        assert sum(aborted) == 1
         assert store.get("killed").info().state is State.ABORTED
     finally:
         child.kill()
@@ -288,8 +311,8 @@ def test_finished_sessions_expire_through_redis_and_gc_cleans_the_index(redis_st
     session.append(b"bye")
     session.finalize()
     assert store.get("short-lived::m") is not None
-    time.sleep(0.6)
-    assert store.get("short-lived::m") is None  # Redis expired the keys, no gc needed
+    # Redis expires the keys, no gc needed
+    assert wait_until(lambda: store.get("short-lived::m") is None, timeout=20)
     assert store.lookup(["short-lived"]) == []
     report = store.gc()
     assert report.expired == 1 and report.kept == 0
@@ -322,12 +345,15 @@ def test_an_idle_reader_does_not_poll_redis(redis_stores):
     fetches = []
     pipeline = store._hot.pipeline
     store._hot.pipeline = lambda commands: fetches.append(1) or pipeline(commands)
+    wakes = []
+    sleep = reader_handle._sleep
+    reader_handle._sleep = lambda timeout: (sleep(timeout), wakes.append(1))
     reader = Reader(reader_handle)
     reader.start()
-    time.sleep(2.0)  # ten 200 ms wake-ups
-    assert len(fetches) <= 6, f"{len(fetches)} fetches in 2 s of silence"
+    assert wait_until(lambda: len(wakes) >= 10, timeout=30)  # ten 200 ms wake-ups
+    assert len(fetches) <= 6, f"{len(fetches)} fetches in {len(wakes)} silent wake-ups"
     producer.append(b"late")
-    assert wait_until(lambda: bytes(reader.data) == b"late", timeout=1.0)
+    assert wait_until(lambda: bytes(reader.data) == b"late", timeout=10)
     producer.finalize()
     reader.join(5)
     assert not reader.is_alive()
@@ -400,10 +426,10 @@ def test_a_cancel_during_a_pubsub_outage_still_reaches_the_producer(redis_stores
     notifier = store._notifier()
     with notifier._lock:  # hold the listener back from resubscribing while we cancel
         assert store._redis.client_kill_filter(_type="pubsub") >= 1
-        time.sleep(0.2)
         assert other.get("outage").cancel() is True  # published while nobody listens
-    assert wait_until(lambda: session._control.confirmations > confirmations, timeout=5)
-    assert wait_until(lambda: session.producer_should_stop, timeout=0.25)
+    assert wait_until(lambda: session._control.confirmations > confirmations, timeout=20)
+    # Far below the 15 s the lease renewal fallback would take.
+    assert wait_until(lambda: session.producer_should_stop, timeout=5)
 
 
 def test_reader_processes_get_exactly_the_producers_bytes(redis_stores):

@@ -361,7 +361,7 @@ def test_a_layout_1_segment_is_refused_not_misread(namespace, caplog):
     assert store.get("old::m") is None
     assert store.lookup(["old"]) == []
     assert store.list() == []
-    assert "layout version 1, expected 2" in caplog.text
+    assert f"layout version 1, expected {layout.VERSION}" in caplog.text
     report = store.gc()  # foreign or older: skipped, not deleted as debris
     assert report.corrupt_removed == 0 and os.path.exists(path)
     fresh = store.create_or_replace("old::m")  # replacing it is fine

@@ -27,7 +27,7 @@ import pytest
 from polling import wait_until
 
 from shmstream import State, StoreUnavailable
-from shmstream.shm import layout, segment
+from shmstream.shm import layout, segment, sync
 from shmstream.shm.store import ShmStore
 from shmstream.shm.sync import Doorbell
 
@@ -231,10 +231,8 @@ def _lock_contender(namespace: str, conversation_id: str, index: int, rounds: in
     if index % 2 == 0:
         deadline = time.monotonic() + 5
         while lock.owner_pid == dead_holder and time.monotonic() < deadline:
-            if lock.recover_from_dead_owner():
+            if lock.recover_from_dead_owner():  # records us as the owner
                 recovered = True
-                # What acquire() does after the slow path: record ourselves as the owner.
-                session.segment.header.q[layout.LOCK_OWNER_Q] = os.getpid()
                 break
     for round_number in range(rounds):
         if not (recovered and round_number == 0):
@@ -269,10 +267,15 @@ def test_a_lock_held_by_a_killed_process_is_recovered_by_exactly_one_waiter(name
     with processes() as start:
         holder = start(_lock_holder, namespace, "locked", results)
         assert take(results, 1, timeout=10)[0] == ("held", holder.pid)
+        blockers = []
         for index in range(contenders):
-            start(_lock_contender, namespace, "locked", index, rounds, barrier, shared, results)
+            process = start(_lock_contender, namespace, "locked", index, rounds, barrier,
+                            shared, results)
+            if index % 2:
+                blockers.append(process)
         barrier.wait(10)
-        time.sleep(0.3)  # every contender is now queued on the held semaphore or spinning
+        # The blocking contenders are queued on the held semaphore (asleep in the kernel).
+        assert wait_until(lambda: all(_asleep(c.pid) for c in blockers), timeout=20)
         assert session.segment.lock.owner_pid == holder.pid
         os.kill(holder.pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -307,44 +310,73 @@ def test_gc_releases_a_lock_held_by_a_dead_process(namespace):
     session.close()
 
 
+def _asleep(pid: int) -> bool:
+    """Whether ``pid`` sleeps in the kernel (state S): a contender queued on a semaphore."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()[0] == b"S"
+
+
 def _lock_user_that_exits(namespace: str, conversation_id: str) -> None:
     session = ShmStore(namespace).get(conversation_id)
     with session.segment.lock:
-        pass  # its pid stays in the owner field after it exits
+        pass
     session.close()
 
 
-def _slow_pid_store_holder(namespace: str, conversation_id: str, results) -> None:
-    """Take the semaphore, then store the pid 20 ms later: what ``RobustLock.acquire`` does
-    when its thread waits for the GIL between ``sem_wait`` returning and the pid store."""
+def _slow_recording_holder(namespace: str, conversation_id: str, results, commands) -> None:
+    """Take the semaphore, then record itself 20 ms later: what ``RobustLock.acquire``
+    does when its thread waits for the GIL between ``sem_wait`` returning and the record."""
     session = ShmStore(namespace).get(conversation_id)
     session.segment.semaphore.acquire()
     results.put("semaphore taken")
-    time.sleep(0.02)
-    session.segment.header.q[layout.LOCK_OWNER_Q] = os.getpid()
-    time.sleep(0.5)
-    session.segment.semaphore.release()
-    results.put("released")
+    time.sleep(0.02)  # the gap itself, not a synchronisation
+    session.segment.lock.record()
+    results.put("recorded")
+    assert take(commands, 1, timeout=20) == ["let go"]
+    session.segment.lock.release()
     session.close()
 
 
 @pytest.mark.timeout(30)
-def test_gc_does_not_steal_a_lock_whose_new_holder_has_not_stored_its_pid_yet(namespace):
-    # Regression: gc's release_if_dead_owner freed the lock at once when the owner field
-    # still named the previous, dead holder, so a live holder lost its exclusion and the
-    # semaphore ended at 2 (two holders for good).
+def test_an_exited_holder_leaves_no_record_and_an_unrecorded_hold_is_not_stolen(namespace):
+    # Regression: the owner field kept the last holder's pid after it released, and gc's
+    # release_if_dead_owner freed the lock at once when that holder had exited while a
+    # live new holder had not stored its pid yet: two holders for good (semaphore at 2).
     store = ShmStore(namespace, capacity=4096)
     session = store.create_or_replace("gap")
-    results = CTX.Queue()
+    commands, results = CTX.Queue(), CTX.Queue()
     with processes() as start:
-        start(_lock_user_that_exits, namespace, "gap").join(10)
-        holder = start(_slow_pid_store_holder, namespace, "gap", results)
+        user = start(_lock_user_that_exits, namespace, "gap")
+        user.join(10)
+        assert user.exitcode == 0
+        lock = session.segment.lock
+        assert lock.owner_pid == 0, "an exited holder's pid stayed in the record"
+        assert lock.holder()[2] != 0, "the exited holder never recorded itself"
+        holder = start(_slow_recording_holder, namespace, "gap", results, commands)
         assert take(results, 1, timeout=10) == ["semaphore taken"]
-        report = store.gc()  # waits for the holder: gc reads the header under the lock
-        assert report.locks_recovered == 0
-        assert take(results, 1, timeout=10) == ["released"]
-        holder.join(5)
+        # gc's and the supervisor's probe: it never takes the semaphore, nor steals it.
+        assert lock.release_if_dead_owner() is False
+        waiter_got_it = threading.Event()
+
+        def waiter():
+            lock.acquire(timeout=20)
+            waiter_got_it.set()
+            lock.release()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert take(results, 1, timeout=10) == ["recorded"]
+        assert lock.owner_pid == holder.pid
+        assert not waiter_got_it.wait(0.2 + sync.UNRECORDED_HOLD_GRACE), \
+            "a waiter took over a live holder's lock"
+        commands.put("let go")
+        assert waiter_got_it.wait(20)
+        thread.join(10)
+        holder.join(10)
+        assert holder.exitcode == 0
     assert session.segment.semaphore.value == 1  # not 2: there never were two holders
+    report = store.gc()
+    assert (report.locks_recovered, report.corrupt_removed, report.kept) == (0, 0, 1)
     session.close()
 
 
@@ -387,7 +419,7 @@ def test_a_reader_of_a_killed_producer_ends_when_gc_aborts_the_session(namespace
         os.kill(producer.pid, signal.SIGKILL)
         producer.join(5)
         assert session.info().producer_alive is False
-        time.sleep(0.3)
+        assert wait_until(lambda: session.info().waiters >= 1), "the reader never slept"
         assert reader.is_alive(), "the reader ended before anyone noticed the dead producer"
         report = store.gc()
         assert report.aborted == 1
@@ -704,7 +736,8 @@ def test_gc_removes_unfinished_segments(shm_store, namespace):
     path = os.path.join(segment.SHM_DIR, segment.segment_name(namespace, "half-made"))
     with open(path, "r+b") as f:  # as if the creator died before writing the magic
         f.write(bytes(8))
-    report = shm_store.gc()
+    assert shm_store.gc().corrupt_removed == 0  # its creator might still be at work
+    report = shm_store.gc(now=time.time() + segment.DEBRIS_GRACE + 1)
     assert report.corrupt_removed >= 1
     assert namespace_entries(namespace) == []
 

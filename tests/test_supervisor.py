@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_until
 
 from shmstream.config import Settings
 from shmstream.serve.supervisor import Supervisor, SupervisorProcess
@@ -40,7 +41,7 @@ def _start_dead_producer(namespace: str, conversation_id: str) -> None:
 def _supervise(namespace: str, **env) -> subprocess.Popen:
     environment = {**os.environ, "SHMSTREAM_NAMESPACE": namespace,
                    **{k: str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "shmstream", "supervise"],
+    return subprocess.Popen([sys.executable, "-m", "shmstream.cli.main", "supervise"],
                             env=environment, stderr=subprocess.PIPE, text=True)
 
 
@@ -57,8 +58,13 @@ def _stop(process: subprocess.Popen) -> str:
 
 def test_supervisor_process_reaps_dead_producer_and_wakes_reader(namespace):
     store = ShmStore(namespace, capacity=4096)
-    supervisor = _supervise(namespace)
+    marker = store.create_or_replace("marker")
+    marker.finalize()
+    marker.close()
+    supervisor = _supervise(namespace, SHMSTREAM_TTL=0)
     try:
+        # Up and running: its first pass (at start) expired the marker.
+        assert wait_until(lambda: store.get("marker") is None, timeout=30)
         _start_dead_producer(namespace, "chat::m")
         reader = store.get("chat::m")
         received = []
@@ -68,11 +74,9 @@ def test_supervisor_process_reaps_dead_producer_and_wakes_reader(namespace):
             received.extend(reader.read(0))
             finished.set()
 
-        started = time.monotonic()
         threading.Thread(target=follow, daemon=True).start()
-        assert finished.wait(5), "reader still blocked on a dead producer's session"
-        elapsed = time.monotonic() - started
-        assert elapsed < 2.0
+        # Reaped within a pass or two (0.5 s each); the bound leaves room for a loaded box.
+        assert finished.wait(15), "reader still blocked on a dead producer's session"
         assert b"".join(received) == b"data: partial\n\n"
         assert reader.info().state is State.ABORTED
         reader.close()
@@ -91,10 +95,7 @@ def test_supervisor_expires_finished_sessions_after_ttl(namespace):
     store.create_or_replace("running").close()
     supervisor = _supervise(namespace, SHMSTREAM_TTL=0.3, SHMSTREAM_GC_INTERVAL=0.2)
     try:
-        deadline = time.monotonic() + 5
-        while store.get("old") is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert store.get("old") is None
+        assert wait_until(lambda: store.get("old") is None, timeout=30)
         running = store.get("running")
         assert running is not None and running.info().state is State.RUNNING
         running.close()
@@ -110,7 +111,7 @@ def test_supervisor_loop_handles_signals_in_main_loop(namespace):
         timer.start()
         started = time.monotonic()
         supervisor.run()
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 10
         assert not supervisor.alive
     finally:
         for sig in Supervisor.SIGNALS:
@@ -125,11 +126,7 @@ def test_supervisor_process_handle_restarts_a_killed_supervisor(namespace):
         first = handle.process.pid
         assert process_alive(first)
         os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while (handle.process.pid == first or not handle.alive()) and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert handle.process.pid != first and handle.alive()
+        assert wait_until(lambda: handle.process.pid != first and handle.alive(), timeout=30)
         assert handle.restarts == 1
     finally:
         handle.stop()

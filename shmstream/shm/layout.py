@@ -10,8 +10,8 @@ A segment is one POSIX shared-memory object::
     +--------+--------+--------+--------+--------+--------+--------+--------+
     | producer_start  | lock_owner_pid  | futex  |waiters |meta_len|ring_off|  64
     +--------+--------+--------+--------+--------+--------+--------+--------+
-    |                         reserved (zero)                               |  96
-    +-----------------------------------------------------------------------+
+    |   lock_stamp    |lock_owner_scope | producer_scope  |    write_end    |  96
+    +--------+--------+--------+--------+--------+--------+--------+--------+
     | metadata: one msgpack map (conversation id, model, ...), meta_len B  | 128
     +-----------------------------------------------------------------------+
     | ring: capacity bytes; the byte at stream offset o lives at o % capacity | ring_off
@@ -41,8 +41,17 @@ A segment is one POSIX shared-memory object::
 - Times are unix microseconds; ``completed_at_us`` is 0 while running.
 - ``producer_pid`` + ``producer_start`` (the kernel's start time of that process, in clock
   ticks since boot) identify the producing process without pid-reuse ambiguity.
-- ``lock_owner_pid`` is the last process that took the segment's semaphore; it lets a waiter
-  recover the lock from a holder that died.
+- ``lock_owner_pid`` is the process holding the segment's semaphore, 0 when it is free or
+  between a holder's semaphore call and its record; with ``lock_stamp`` (the holder's
+  start time << 24 | a 24-bit count of holds, one store) and ``lock_owner_scope`` it lets
+  a waiter recover the lock from a holder that died, and tell one long hold from several
+  short ones (see :class:`shmstream.shm.sync.RobustLock`).
+- ``write_end`` is the stream offset an append in progress writes up to, stored before
+  the copy: bytes below ``write_end - capacity`` may already be overwritten, so they are
+  lost even if the appender died before publishing ``total``.
+- ``producer_scope`` and ``lock_owner_scope`` name the boot and pid namespace of those pids
+  (:func:`shmstream.store.procs.scope_id`): a pid of another container is never judged by
+  our ``/proc``.
 - ``futex`` is a doorbell bumped after every publish; ``waiters`` counts readers asleep on
   it that no publish has rung for yet: a producer rings only when it is non-zero and then
   zeroes it, so it makes one wake syscall per sleep, none while nobody sleeps.
@@ -64,7 +73,7 @@ from shmstream.store.ids import MAX_META_BYTES, encode_metadata  # noqa: F401 - 
 from shmstream.store.states import State
 
 MAGIC = 0x534D4853  # b"SHMS" little-endian
-VERSION = 2  # 1: `dropped` stored at offset 16, the ring fully reserved up front
+VERSION = 3  # 1: `dropped` stored, ring reserved up front; 2: no lock stamp, scopes, write_end
 MAGIC_VERSION = MAGIC | (VERSION << 32)
 
 # Byte offsets, computed from a running position so a change to one field moves the rest.
@@ -95,6 +104,10 @@ FUTEX_OFFSET = _field(4)
 WAITERS_OFFSET = _field(4)
 META_LENGTH_OFFSET = _field(4)
 RING_OFFSET_OFFSET = _field(4)
+LOCK_STAMP_OFFSET = _field(8)
+LOCK_OWNER_SCOPE_OFFSET = _field(8)
+PRODUCER_SCOPE_OFFSET = _field(8)
+WRITE_END_OFFSET = _field(8)
 HEADER_SIZE = 128
 META_OFFSET = HEADER_SIZE
 assert _position <= HEADER_SIZE
@@ -110,6 +123,12 @@ COMPLETED_AT_Q = COMPLETED_AT_OFFSET // 8
 PRODUCER_PID_Q = PRODUCER_PID_OFFSET // 8
 PRODUCER_START_Q = PRODUCER_START_OFFSET // 8
 LOCK_OWNER_Q = LOCK_OWNER_OFFSET // 8
+LOCK_STAMP_Q = LOCK_STAMP_OFFSET // 8
+LOCK_OWNER_SCOPE_Q = LOCK_OWNER_SCOPE_OFFSET // 8
+PRODUCER_SCOPE_Q = PRODUCER_SCOPE_OFFSET // 8
+WRITE_END_Q = WRITE_END_OFFSET // 8
+# The lock's record, in the order RobustLock takes its indexes.
+LOCK_FIELDS_Q = (LOCK_OWNER_Q, LOCK_STAMP_Q, LOCK_OWNER_SCOPE_Q)
 STATE_I = STATE_OFFSET // 4
 FLAGS_I = FLAGS_OFFSET // 4
 FUTEX_I = FUTEX_OFFSET // 4
@@ -138,6 +157,11 @@ class CorruptSegment(Exception):
     def __init__(self, message: str, unfinished: bool = False):
         super().__init__(message)
         self.unfinished = unfinished
+
+
+def has_magic(first_bytes: bytes) -> bool:
+    """Whether the segment's first 8 bytes carry the ready marker (any layout version)."""
+    return len(first_bytes) >= 8 and int.from_bytes(first_bytes[:4], "little") == MAGIC
 
 
 def ring_offset_for(meta_length: int) -> int:
@@ -195,9 +219,12 @@ class Header:
         started_at_us: int,
         producer_pid: int,
         producer_start: int,
+        producer_scope: int = 0,
+        ready: bool = True,
     ) -> None:
         """Write a fresh header, metadata and an empty ring whose first ``allocated`` bytes
-        have pages; magic+version go in last."""
+        have pages; magic+version go in last, unless ``ready`` is False: then the caller
+        fills more and calls :meth:`mark_ready`."""
         meta_length = len(metadata_record)
         ring_offset = ring_offset_for(meta_length)
         if len(self.mapping) < ring_offset + capacity:
@@ -215,13 +242,21 @@ class Header:
         q[COMPLETED_AT_Q] = 0
         q[PRODUCER_PID_Q] = producer_pid
         q[PRODUCER_START_Q] = producer_start
-        q[LOCK_OWNER_Q] = 0
+        q[PRODUCER_SCOPE_Q] = producer_scope
+        for index in LOCK_FIELDS_Q:
+            q[index] = 0
+        q[WRITE_END_Q] = 0
         i[FUTEX_I] = 0
         i[WAITERS_I] = 0
         i[META_LENGTH_I] = meta_length
         i[RING_OFFSET_I] = ring_offset
-        q[MAGIC_VERSION_Q] = MAGIC_VERSION
         self._bind_ring()
+        if ready:
+            self.mark_ready()
+
+    def mark_ready(self) -> None:
+        """Write magic+version: from now on other processes can open the segment."""
+        self.q[MAGIC_VERSION_Q] = MAGIC_VERSION
 
     # --- opening --------------------------------------------------------------------------
     def validate(self) -> None:
@@ -317,6 +352,22 @@ class Header:
     @property
     def lock_owner_pid(self) -> int:
         return self.q[LOCK_OWNER_Q]
+
+    @property
+    def lock_stamp(self) -> int:
+        return self.q[LOCK_STAMP_Q]
+
+    @property
+    def lock_owner_scope(self) -> int:
+        return self.q[LOCK_OWNER_SCOPE_Q]
+
+    @property
+    def producer_scope(self) -> int:
+        return self.q[PRODUCER_SCOPE_Q]
+
+    @property
+    def write_end(self) -> int:
+        return self.q[WRITE_END_Q]
 
     @property
     def futex_word(self) -> int:

@@ -40,9 +40,12 @@ class Quota:
         """Raise StoreUnavailable if one more session does not fit. Registry lock held."""
         if self.max_sessions is None and self.max_shm_bytes is None:
             return
-        if (self.max_sessions is not None
-                and len(segment.list_names(self.namespace)) >= self.max_sessions):
-            raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
+        if self.max_sessions is not None:
+            names = segment.list_names(self.namespace)
+            if len(names) >= self.max_sessions:
+                names = segment.without_debris(self.namespace, names)
+            if len(names) >= self.max_sessions:
+                raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
         if self.max_shm_bytes is not None:
             used = self._count()
             record = layout.encode_metadata({"id": conversation_id})

@@ -33,6 +33,7 @@ import mmap
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ import posix_ipc
 
 from shmstream.shm import layout
 from shmstream.shm.sync import Doorbell, RobustLock
-from shmstream.store import ids
+from shmstream.store import faults, ids
 from shmstream.store.errors import StoreUnavailable
 from shmstream.store.ids import (  # noqa: F401 - re-exported for the shm tools
     base_id,
@@ -55,6 +56,10 @@ _BASE_HASH_HEX = 16
 _ID_HASH_HEX = 32
 PERMISSIONS = 0o600
 _NO_ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG)
+# An object without the ready marker (or semaphore) this long after its last change is a
+# dead creator's or retirer's (they finish in microseconds, under the registry lock): gc
+# removes it, and quotas never count it.
+DEBRIS_GRACE = 2.0
 
 
 def lookup_prefixes(namespace: str, conversation_id: str) -> set[str]:
@@ -212,14 +217,55 @@ def reserve_pages(fd: int, size: int, start: int = 0) -> None:
     os.posix_fallocate(fd, start, size - start)
 
 
+def unfinished_age(name: str, now: float | None = None) -> float | None:
+    """Seconds since an *unfinished* object ``name`` (no ready marker, or no semaphore)
+    last changed; None if it is finished or gone.
+
+    Reads 8 bytes with ``pread``: it never maps the object, so it never allocates pages.
+    """
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        stat = os.fstat(fd)
+        ready = (stat.st_size >= layout.HEADER_SIZE
+                 and layout.has_magic(os.pread(fd, 8, layout.MAGIC_OFFSET)))
+    finally:
+        os.close(fd)
+    if ready and os.path.exists(os.path.join(SHM_DIR, "sem." + name)):
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, now - max(stat.st_mtime, stat.st_ctime))
+
+
+def without_debris(namespace: str, names: list[str]) -> list[str]:
+    """``names`` minus unfinished objects, which are removed: call under the exclusive
+    registry lock, where no creator is midway, so they can only be dead creators' debris
+    (they must never fill a quota)."""
+    kept = []
+    for name in names:
+        if unfinished_age(name) is None:
+            kept.append(name)
+        else:
+            retire(namespace, name)
+    return kept
+
+
 def unlink(name: str) -> None:
     """Remove a session's shared memory and semaphore names; missing ones are fine.
 
     Processes that still map the segment keep a valid mapping until they close it.
     """
-    for remove in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            remove("/" + name)
+    # The object first: a crash between the two leaves an orphan semaphore, which gc
+    # removes; the other order would leave an object without semaphore that opens fail on.
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory("/" + name)
+    if faults.hook is not None:
+        faults.hook("unlink.half")
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_semaphore("/" + name)
 
 
 def _unmapped_everywhere(path: str) -> bool:
@@ -245,6 +291,8 @@ def retire(namespace: str, name: str) -> bool:
     remove_from_index(namespace, name)
     with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_semaphore("/" + name)
+    if faults.hook is not None:
+        faults.hook("retire.half")  # left: a segment without semaphore, gc's debris
     path = os.path.join(SHM_DIR, name)
     if _unmapped_everywhere(path):
         with contextlib.suppress(FileNotFoundError):
@@ -289,9 +337,17 @@ class Segment:
     def _attach(cls, name: str, mapping: mmap.mmap, semaphore: posix_ipc.Semaphore,
                 header: layout.Header, guard_path: str, inode: int,
                 fd: int | None = None) -> Segment:
-        lock = RobustLock(semaphore, header.q, layout.LOCK_OWNER_Q, guard_path)
+        lock = RobustLock(semaphore, header.q, layout.LOCK_FIELDS_Q, guard_path)
         return cls(name, mapping, header, semaphore, lock,
                    Doorbell(mapping, layout.FUTEX_OFFSET), inode, fd)
+
+    def still_named(self) -> bool:
+        """Whether our name still refers to this object (not retired, not replaced).
+        Meaningful under the registry lock."""
+        try:
+            return os.stat(os.path.join(SHM_DIR, self.name)).st_ino == self.inode
+        except FileNotFoundError:
+            return False
 
     def grow(self, needed: int) -> int:
         """Reserve pages for ring bytes ``[0, needed)`` (whole growth steps, at most the
@@ -378,19 +434,27 @@ def _no_room(what: str, exc: OSError) -> StoreUnavailable:
 
 
 def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dict,
-           started_at_us: int, producer_pid: int, producer_start: int) -> Segment:
+           started_at_us: int, producer_pid: int, producer_start: int,
+           producer_scope: int = 0, reserve: int = 0,
+           fill: Callable[[layout.Header], None] | None = None) -> Segment:
     """Create a session's segment and semaphore (mode 0600), initialised and indexed, with
-    pages reserved for its header, metadata and first ring step (the rest of the file is a
-    hole until :meth:`Segment.grow`). The returned segment keeps its fd for growth.
+    pages reserved for its header, metadata and first ring step, or ``reserve`` ring bytes
+    if more (the rest of the file is a hole until :meth:`Segment.grow`). The returned
+    segment keeps its fd for growth.
+
+    ``fill(header)``, if given, writes more (a restored ring) before the ready marker, so
+    no process ever opens the segment half-made, even if this one dies midway.
 
     Call with the namespace's registry lock held exclusively. Raises
     :class:`FileExistsError` if the name is taken, :class:`StoreUnavailable` if /dev/shm
-    has no room; nothing is left behind after a failure.
+    has no room; nothing is left behind after a failure (a creator killed midway leaves
+    an unfinished object, which :func:`unfinished_age` finds and gc removes).
     """
     name = segment_name(namespace, conversation_id)
     record = layout.encode_metadata(metadata)
     size = layout.segment_size(len(record), capacity)
-    allocated = layout.initial_allocation(capacity)
+    allocated = layout.grown_allocation(layout.initial_allocation(capacity), reserve,
+                                        capacity)
     try:
         memory = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=PERMISSIONS)
     except posix_ipc.ExistentialError:
@@ -402,9 +466,10 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
             raise StoreUnavailable(f"cannot create sessions in {SHM_DIR} ({exc})") from None
         raise
     fd = memory.fd
-    mapping = None
-    header = None
+    mapping = header = semaphore = None
     try:
+        if faults.hook is not None:
+            faults.hook("create.opened")
         fcntl.flock(fd, fcntl.LOCK_SH)
         try:
             os.ftruncate(fd, size)  # sparse: no page yet
@@ -414,6 +479,8 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
             if exc.errno in _NO_ROOM:
                 raise _no_room(f"a session of capacity {capacity}", exc) from None
             raise
+        if faults.hook is not None:
+            faults.hook("create.reserved")
         try:
             try:
                 semaphore = posix_ipc.Semaphore(
@@ -431,25 +498,35 @@ def create(namespace: str, conversation_id: str, *, capacity: int, metadata: dic
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise _no_room("a session's semaphore", exc) from None
             raise
+        if faults.hook is not None:
+            faults.hook("create.semaphore")
         header = layout.Header(mapping)
         header.initialise(
             capacity=capacity, allocated=allocated, metadata_record=record,
             started_at_us=started_at_us, producer_pid=producer_pid,
-            producer_start=producer_start,
+            producer_start=producer_start, producer_scope=producer_scope, ready=False,
         )
+        if fill is not None:
+            fill(header)
+        if faults.hook is not None:
+            faults.hook("create.filled")
+        header.mark_ready()
         try:
             add_to_index(namespace, name)
         except OSError as exc:
-            semaphore.close()
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise _no_room("a session's index entry", exc) from None
             raise
         inode = os.fstat(fd).st_ino
     except BaseException:
+        # Views first: a mapping with live exports raises BufferError on close, which
+        # would hide the real error and leave both names behind.
         if header is not None:
             header.release()
         if mapping is not None:
             mapping.close()
+        if semaphore is not None:
+            semaphore.close()
         memory.close_fd()
         remove_from_index(namespace, name)
         unlink(name)
@@ -472,7 +549,7 @@ def open_segment(namespace: str, name: str) -> Segment | None:
         stat = os.fstat(memory.fd)
         if stat.st_size < layout.HEADER_SIZE:
             raise layout.CorruptSegment(
-                f"segment of {stat.st_size} bytes is smaller than the header")
+                f"segment of {stat.st_size} bytes is smaller than the header", unfinished=True)
         # Held for as long as the mapping exists: it tells retire() the segment is in use.
         fcntl.flock(memory.fd, fcntl.LOCK_SH)
         mapping = mmap.mmap(memory.fd, stat.st_size)

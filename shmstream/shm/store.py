@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 
@@ -20,15 +19,16 @@ from shmstream.shm import layout, segment, waiter
 from shmstream.shm.layout import FLAG_CANCEL, FLAG_RING_CAPPED, CorruptSegment
 from shmstream.shm.quota import Quota, pages
 from shmstream.shm.sync import (
+    EPOCH_MASK,
     STUCK_LOCK_TIMEOUT,
-    CurrentPid,
-    LockTimeout,
+    Identity,
+    Liveness,
+    OwnerStamp,
     flocked,
-    process_alive,
-    process_start_time,
+    liveness,
 )
-from shmstream.store import ring
-from shmstream.store.errors import InvalidConversationId, StoreUnavailable
+from shmstream.store import faults, ring
+from shmstream.store.errors import InvalidConversationId, OffsetLost
 from shmstream.store.interface import (
     DEFAULT_CAPACITY,
     DEFAULT_TTL,
@@ -61,6 +61,15 @@ _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
 _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
+_LOCK_STAMP_Q = layout.LOCK_STAMP_Q
+_LOCK_OWNER_SCOPE_Q = layout.LOCK_OWNER_SCOPE_Q
+_WRITE_END_Q = layout.WRITE_END_Q
+
+
+def _held_from(total: int, write_end: int, capacity: int) -> int:
+    """The oldest stream offset still held intact: an append that started (``write_end``
+    stored) may have overwritten up to ``write_end - capacity`` before publishing."""
+    return max(0, min(max(total, write_end) - capacity, total))
 
 
 class ShmSession(Session):
@@ -99,7 +108,10 @@ class ShmSession(Session):
             self._semaphore.acquire(self._lock_check_interval)
         except BusyError:
             self._lock.acquire_contended()
-        q[_LOCK_OWNER_Q] = CurrentPid.value
+        # RobustLock.record inlined: stamp, scope, then the pid completes the record.
+        q[_LOCK_STAMP_Q] = OwnerStamp.base | ((q[_LOCK_STAMP_Q] + 1) & EPOCH_MASK)
+        q[_LOCK_OWNER_SCOPE_Q] = Identity.scope
+        q[_LOCK_OWNER_Q] = Identity.pid
         try:
             if i[_STATE_I] != _RUNNING:
                 return False
@@ -107,6 +119,11 @@ class ShmSession(Session):
             if not self._at_cap and total + length > q[_ALLOCATED_Q]:
                 self._make_room(total + length)
             capacity = q[_CAPACITY_Q]
+            if total + length > capacity:
+                # The copy overwrites the oldest held bytes: declare them lost first, so
+                # an appender killed before it publishes `total` leaves no altered byte
+                # held (see _held_from).
+                q[_WRITE_END_Q] = total + length
             position = total % capacity
             end = position + length
             if end <= capacity:
@@ -114,6 +131,8 @@ class ShmSession(Session):
                 total += length
             else:
                 total = ring.write(self._ring, capacity, total, data)
+                if faults.hook is not None:  # the slow path only: the fast one costs 0
+                    faults.hook("append.wrapped-unpublished")
             q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
@@ -169,23 +188,26 @@ class ShmSession(Session):
             state = header.state
             total = header.total
             capacity = header.capacity
+            write_end = header.write_end
             allocated = header.allocated
             capped = bool(header.flags & FLAG_RING_CAPPED)
             started = header.started_at_us
             completed = header.completed_at_us
             pid = header.producer_pid
             start_time = header.producer_start
+            scope = header.producer_scope
             waiters = header.waiters
         return SessionInfo(
             conversation_id=self.conversation_id,
             state=state,
             total_bytes=total,
-            dropped_bytes=ring.dropped_for(total, capacity),
+            dropped_bytes=_held_from(total, write_end, capacity),
             capacity=capacity,
             started_at=started / 1e6,
             completed_at=completed / 1e6,
             producer_pid=pid,
-            producer_alive=process_alive(pid, start_time),
+            # Another pid namespace's producer cannot be proven dead: presumed alive.
+            producer_alive=liveness(pid, start_time, scope) is not Liveness.DEAD,
             waiters=waiters,
             metadata=header.metadata(),
             allocated_bytes=pages(header.ring_offset + allocated),
@@ -196,16 +218,17 @@ class ShmSession(Session):
         # The mapping stays valid after the name is unlinked (replace, evict): share it.
         return ShmSession(self.segment.retain(), self.conversation_id, self._may_grow)
 
-    def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, int, int]:
-        """(state, completed_at_us, producer pid, producer start time), read together under
+    def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, Liveness, int]:
+        """(state, completed_at_us, producer liveness, producer pid), read together under
         the lock: what gc and reaping decide on. Raises LockTimeout after ``timeout``."""
         header = self.segment.header
         self._lock.acquire(timeout)
         try:
-            return (header.state, header.completed_at_us, header.producer_pid,
-                    header.producer_start)
+            state, completed = header.state, header.completed_at_us
+            pid, start, scope = header.producer_pid, header.producer_start, header.producer_scope
         finally:
             self._lock.release()
+        return state, completed, liveness(pid, start, scope), pid
 
     def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
         q, i, lock = self._q, self._i, self._lock
@@ -213,7 +236,10 @@ class ShmSession(Session):
         try:
             total = q[_TOTAL_Q]
             finished = i[_STATE_I] != _RUNNING
-            chunk = ring.read(self._ring, q[_CAPACITY_Q], total, offset, limit)
+            capacity = q[_CAPACITY_Q]
+            if offset < _held_from(total, q[_WRITE_END_Q], capacity):
+                raise OffsetLost()  # overwritten by an append whose appender died midway
+            chunk = ring.read(self._ring, capacity, total, offset, limit)
             if not chunk and not finished:
                 # The ticket matches this `total`: any later publish moves the word.
                 self._ticket = i[_FUTEX_I]
@@ -275,15 +301,6 @@ class ShmSession(Session):
             self.segment.close()
 
 
-def _id_tag(session: ShmSession) -> str:
-    """The log handle of a session opened without its id (gc): the stored id's hash."""
-    try:
-        stored = session.segment.header.metadata().get("id")
-    except CorruptSegment:
-        return "unknown"
-    return segment.short_hash(stored) if isinstance(stored, str) else "unknown"
-
-
 class ShmStore(SessionStore):
     """Sessions in POSIX shared memory under one namespace; safe across processes and
     threads. Construct one per process (it holds no shared state of its own)."""
@@ -314,13 +331,13 @@ class ShmStore(SessionStore):
     def create_or_replace(self, conversation_id: str, metadata: dict | None = None) -> ShmSession:
         record = {**(metadata or {}), "id": conversation_id}  # the id always wins
         name = segment.segment_name(self.namespace, conversation_id)
-        pid = os.getpid()
         with flocked(self._registry_lock):
             replaced = self._retire(name, cancel=True)
             self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=self.capacity, metadata=record,
-                started_at_us=now_us(), producer_pid=pid, producer_start=process_start_time(pid),
+                started_at_us=now_us(), producer_pid=Identity.pid,
+                producer_start=Identity.start, producer_scope=Identity.scope,
             )
         log.info("session created id=%s replaced=%s", segment.short_hash(conversation_id),
                  "yes" if replaced else "no")
@@ -364,28 +381,28 @@ class ShmStore(SessionStore):
                              f"bytes, not {capacity}")
         record = {**(metadata or {}), "id": conversation_id}
         name = segment.segment_name(self.namespace, conversation_id)
+
+        def fill(header: layout.Header) -> None:
+            # Before the ready marker: a restorer killed midway leaves an unfinished
+            # object for gc, never a half-restored session others could open.
+            q, i = header.q, header.i
+            q[_TOTAL_Q] = dropped
+            for start in range(0, len(data), 64 * 1024):
+                q[_TOTAL_Q] = ring.write(header.ring, capacity, q[_TOTAL_Q],
+                                         data[start:start + 64 * 1024])
+                if faults.hook is not None:
+                    faults.hook("restore.chunk")
+            q[_COMPLETED_AT_Q] = completed_at_us
+            i[_STATE_I] = state
+
         with flocked(self._registry_lock):
             self._retire(name, cancel=True)
             self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=capacity, metadata=record,
                 started_at_us=started_at_us, producer_pid=0, producer_start=0,
+                reserve=min(total, capacity), fill=fill,
             )
-            try:
-                q, i = seg.header.q, seg.header.i
-                with seg.lock:  # filled before the registry lock lets anyone open it
-                    try:
-                        seg.grow(min(total, capacity))
-                    except OSError as exc:
-                        raise StoreUnavailable(f"no room in {segment.SHM_DIR} to restore "
-                                               f"{len(data)} bytes ({exc.strerror})") from None
-                    q[_TOTAL_Q] = ring.write(seg.header.ring, capacity, dropped, data)
-                    q[_COMPLETED_AT_Q] = completed_at_us
-                    i[_STATE_I] = state
-            except BaseException:
-                seg.close()
-                segment.retire(self.namespace, name)
-                raise
         log.info("session restored id=%s", segment.short_hash(conversation_id))
         return ShmSession(seg, conversation_id, self._may_grow)
 
@@ -495,109 +512,17 @@ class ShmStore(SessionStore):
         return found
 
     def gc(self, now: float | None = None) -> GCReport:
-        """One pass: expire, reap dead producers, free dead holders' locks, drop debris.
+        """One pass: drop debris, free dead holders' locks, reap dead producers, expire.
+        See :func:`shmstream.shm.upkeep.gc`."""
+        from shmstream.shm import upkeep  # it builds on this module
 
-        Each segment is looked at under the registry lock (exclusive), so an unfinished
-        segment can only be a dead creator's. The lock is taken per segment, not per pass:
-        a pass over 10,000 sessions takes seconds, and every get() would wait that long.
-        """
-        now = time.time() if now is None else now
-        cutoff_us = int((now - self.ttl) * 1e6)
-        report = GCReport()
-        for name in segment.list_names(self.namespace):
-            with flocked(self._registry_lock):
-                self._gc_one(name, cutoff_us, report)
-        with flocked(self._registry_lock):
-            for name in segment.list_orphan_semaphores(self.namespace):
-                segment.unlink(name)
-                report.corrupt_removed += 1
-            freed = segment.collect_retired(self.namespace)
-        if freed:
-            log.info("gc: freed %d replaced or removed segments no process maps any more",
-                     freed)
-        return report
-
-    def _gc_one(self, name: str, cutoff_us: int, report: GCReport) -> None:
-        try:
-            seg = segment.open_segment(self.namespace, name)
-        except CorruptSegment as exc:
-            if exc.unfinished:
-                log.warning("gc: removing unfinished segment %s: %s", name, exc)
-                segment.retire(self.namespace, name)
-                report.corrupt_removed += 1
-            return
-        if seg is None:
-            return
-        if not segment.is_indexed(self.namespace, name):
-            segment.add_to_index(self.namespace, name)  # its creator died before indexing
-        session = ShmSession(seg, "")
-        remove = False
-        try:
-            remove = self._collect(session, name, cutoff_us, report)
-        except LockTimeout:
-            # Nobody can use this session again; its readers time out too.
-            log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
-            remove = True
-            report.corrupt_removed += 1
-        finally:
-            session.close()
-        if remove:
-            segment.retire(self.namespace, name)
-
-    def _collect(self, session: ShmSession, name: str, cutoff_us: int,
-                 report: GCReport) -> bool:
-        """Reap or expire one session; True if it is to be removed (expired)."""
-        if session.segment.lock.release_if_dead_owner():
-            report.locks_recovered += 1
-            log.warning("gc: released the lock of %s from dead pid", name)
-        state, completed, pid, start_time = session.lifecycle()
-        if state is State.RUNNING and not process_alive(pid, start_time):
-            if session.finalize(State.ABORTED):
-                report.aborted += 1
-                log.warning("session aborted id=%s producer pid %d died (gc, segment %s)",
-                            _id_tag(session), pid, name)
-        elif state.is_terminal and completed <= cutoff_us:
-            report.expired += 1
-            log.info("session expired id=%s state=%s ended %.0fs ago", _id_tag(session),
-                     state.label, (cutoff_us - completed) / 1e6 + self.ttl)
-            return True
-        report.kept += 1
-        return False
+        return upkeep.gc(self, now)
 
     def abort_producers(self, pids: Iterable[int] | None = None) -> int:
-        """Finalize as ``aborted`` the running sessions whose producer process is dead
-        (``pids`` None), or is one of ``pids`` (a worker that died or is being stopped);
-        release locks held by dead processes on the way. Returns how many were aborted.
+        """See :func:`shmstream.shm.upkeep.abort_producers`."""
+        from shmstream.shm import upkeep
 
-        Cheaper than :meth:`gc`: it takes the registry lock only to open each segment.
-        """
-        targets = None if pids is None else set(pids)
-        aborted = 0
-        for name in segment.list_names(self.namespace):
-            session = self._open(name, None)
-            if session is None:
-                continue
-            try:
-                session.segment.lock.release_if_dead_owner()
-                try:
-                    state, _, pid, start_time = session.lifecycle(REAP_LOCK_TIMEOUT)
-                except LockTimeout:
-                    log.error("segment %s: lock stuck; left to gc", name)
-                    continue
-                if state is not State.RUNNING:
-                    continue
-                if targets is None:
-                    doomed = not process_alive(pid, start_time)
-                else:
-                    doomed = pid in targets
-                if doomed and session.finalize(State.ABORTED):
-                    aborted += 1
-                    log.warning("session aborted id=%s producer pid %d %s (segment %s)",
-                                _id_tag(session), pid,
-                                "died" if targets is None else "stopped", name)
-            finally:
-                session.close()
-        return aborted
+        return upkeep.abort_producers(self, pids)
 
     def allocated_bytes(self) -> int:
         return segment.namespace_allocated_bytes(self.namespace)

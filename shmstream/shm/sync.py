@@ -18,8 +18,15 @@ from collections.abc import Callable, Iterator
 
 import posix_ipc
 
+from shmstream.store import faults
 from shmstream.store.errors import StoreUnavailable
-from shmstream.store.procs import process_alive, process_start_time  # noqa: F401
+from shmstream.store.procs import (  # noqa: F401 - re-exported for the shm modules
+    Identity,
+    Liveness,
+    liveness,
+    process_alive,
+    process_start_time,
+)
 
 # --- futex doorbell -----------------------------------------------------------------------
 
@@ -104,9 +111,15 @@ class LockTimeout(Exception):
 
 
 # Holders keep a segment lock for microseconds (a 4 MiB copy takes about a millisecond).
-# A lock held this long is stuck (see RobustLock's known gap): callers give up instead of
-# hanging, and gc removes the segment.
+# A lock held this long is stuck (a live holder that hangs, or one of another pid namespace
+# that died): callers give up instead of hanging, and gc removes the segment.
 STUCK_LOCK_TIMEOUT = 10.0
+# How long the semaphore must stay held with no owner recorded, through one single hold,
+# before a waiter concludes that its holder died in the two-bytecode gap between its
+# semaphore call and its record (or between clearing the record and posting). A live
+# holder crosses that gap in microseconds; this is 5 orders of magnitude more, and keeps a
+# dead holder's lock recovered within a second.
+UNRECORDED_HOLD_GRACE = 0.5
 
 
 @contextlib.contextmanager
@@ -130,29 +143,57 @@ def flocked(path: str, shared: bool = False) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+# The lock stamp: the holder's start time (clock ticks since boot: 40 bits last 348 years
+# at 100 Hz) above a 24-bit count of holds, in one u64 so one store records both.
+EPOCH_BITS = 24
+EPOCH_MASK = (1 << EPOCH_BITS) - 1
+
+
+class OwnerStamp:
+    """This process's part of a lock stamp (its start time, shifted), refreshed after fork
+    (after :class:`Identity`, whose fork hook was registered first)."""
+
+    base = 0
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.base = (Identity.start & ((1 << (64 - EPOCH_BITS)) - 1)) << EPOCH_BITS
+
+
+OwnerStamp.refresh()
+os.register_at_fork(after_in_child=OwnerStamp.refresh)
+
+
 class RobustLock:
-    """A named POSIX semaphore used as a mutex, recoverable from a holder killed inside it.
+    """A named POSIX semaphore used as a mutex, recoverable from a holder killed anywhere.
 
-    The holder's pid is stored in the segment header right after acquiring and cleared to
-    0 right before releasing. An acquirer that waits longer than ``check_interval`` looks
-    at that pid; if it names a dead process, the waiter takes over the dead holder's hold,
-    under a flock so only one waiter can do so, and without posting the semaphore, so
-    there are never two holders. A 0 means "a live holder between its semaphore call and
-    its pid store" and is never recovered from: a stale pid of an earlier holder (which
-    may have exited since) must never be mistaken for the current one, even when a live
-    holder thread is descheduled for a long time between the two steps.
+    The holder records itself in the segment header right after ``sem_wait`` returns: a
+    stamp (its start time and the hold count ``epoch`` + 1, one store), its scope, then
+    its pid last (the record is complete once the pid is there). It clears the pid right
+    before ``sem_post``. So while the semaphore is held the pid field is either the holder
+    (complete record) or 0 (a holder inside one of the two unrecorded gaps). A waiter
+    that finds the lock busy for longer than ``check_interval``:
 
-    Known gap: a holder killed in that instant between ``sem_wait`` and its pid store
-    leaves the lock held with owner 0 for good (a window of two bytecodes).
+    - pid set, same scope, dead: the recorded process is the holder, and it died; take over.
+    - pid set, another scope (:class:`Liveness.UNKNOWN`): never take over.
+    - pid 0: take over only after the same hold (same ``epoch``) stayed unrecorded for
+      :data:`UNRECORDED_HOLD_GRACE`; a holder killed in a gap is recovered that way.
+
+    A takeover happens under a flock so only one waiter does it, and without posting the
+    semaphore, so there are never two holders; the new holder records itself as usual.
+    Every crash point (before the record, inside it, while held, after clearing it, and
+    inside a takeover) leaves a state one of these rules recovers.
     """
 
-    __slots__ = ("_semaphore", "_owner", "_owner_index", "_guard_path", "check_interval")
+    __slots__ = ("_semaphore", "_q", "_pid_i", "_stamp_i", "_scope_i", "_guard_path",
+                 "check_interval")
 
-    def __init__(self, semaphore: posix_ipc.Semaphore, owner_view, owner_index: int,
+    def __init__(self, semaphore: posix_ipc.Semaphore, header_q, fields: tuple[int, int, int],
                  guard_path: str, check_interval: float = 0.1):
+        """``fields``: the indexes in ``header_q`` of the owner pid, stamp and scope."""
         self._semaphore = semaphore
-        self._owner = owner_view
-        self._owner_index = owner_index
+        self._q = header_q
+        self._pid_i, self._stamp_i, self._scope_i = fields
         self._guard_path = guard_path
         self.check_interval = check_interval
 
@@ -162,15 +203,40 @@ class RobustLock:
             self._semaphore.acquire(self.check_interval)
         except posix_ipc.BusyError:
             self.acquire_contended(timeout)
-        self._owner[self._owner_index] = CurrentPid.value
+        if faults.hook is not None:
+            faults.hook("lock.acquired-unrecorded")
+        self.record()
+
+    def record(self) -> None:
+        """Record this process as the holder (call right after taking the semaphore)."""
+        q = self._q
+        q[self._stamp_i] = OwnerStamp.base | ((q[self._stamp_i] + 1) & EPOCH_MASK)
+        q[self._scope_i] = Identity.scope
+        if faults.hook is not None:
+            faults.hook("lock.record-partial")
+        q[self._pid_i] = Identity.pid  # last: the record is complete
 
     def acquire_contended(self, timeout: float | None = STUCK_LOCK_TIMEOUT) -> None:
         """The slow path, after one ``check_interval`` wait failed: recover from a dead
         holder or keep waiting. The caller records itself as owner afterwards."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        unrecorded_since: tuple[int, float] | None = None  # (epoch, first seen)
         while True:
-            if self.recover_from_dead_owner():
-                return
+            holder = self.holder()
+            if holder is not None:
+                pid, _, _, epoch = holder
+                if pid == 0:
+                    now = time.monotonic()
+                    if unrecorded_since is None or unrecorded_since[0] != epoch:
+                        unrecorded_since = (epoch, now)
+                    elif now - unrecorded_since[1] >= UNRECORDED_HOLD_GRACE:
+                        if self._take_over(holder):
+                            return
+                        unrecorded_since = None
+                else:
+                    unrecorded_since = None
+                    if self.holder_liveness(holder) is Liveness.DEAD and self._take_over(holder):
+                        return
             if deadline is not None and time.monotonic() >= deadline:
                 raise LockTimeout(f"lock held by pid {self.owner_pid} for over {timeout} s")
             try:
@@ -181,43 +247,67 @@ class RobustLock:
 
     @property
     def owner_pid(self) -> int:
-        return self._owner[self._owner_index]
+        return self._q[self._pid_i]
 
-    def recover_from_dead_owner(self) -> bool:
-        """Take the lock if it is held by a dead process; True if the caller now holds it."""
-        owner = self._owner[self._owner_index]
-        if owner == 0 or process_alive(owner):
-            return False
+    def holder(self) -> tuple[int, int, int, int] | None:
+        """(pid, start, scope, epoch) of the current record, or None if it changed while
+        being read (a new holder is recording itself: look again later)."""
+        q = self._q
+        stamp = q[self._stamp_i]
+        pid = q[self._pid_i]
+        scope = q[self._scope_i]
+        if q[self._stamp_i] != stamp or q[self._pid_i] != pid:
+            return None
+        return pid, stamp >> EPOCH_BITS, scope, stamp & EPOCH_MASK
+
+    @staticmethod
+    def holder_liveness(holder: tuple[int, int, int, int]) -> Liveness:
+        pid, start, scope, _ = holder
+        return liveness(pid, start, scope)
+
+    def _take_over(self, holder: tuple[int, int, int, int]) -> bool:
+        """Become the holder of a lock whose ``holder`` record names a dead process (or
+        an unrecorded hold past its grace). True if the caller now holds the lock."""
         with flocked(self._guard_path):
             try:
                 self._semaphore.acquire(0)  # freed while we queued for the guard
+                self.record()
                 return True
             except posix_ipc.BusyError:
                 pass
-            if self._owner[self._owner_index] != owner:
-                return False  # another waiter recovered it first
-            self._owner[self._owner_index] = CurrentPid.value
+            if self.holder() != holder:
+                return False  # another waiter recovered it first, or it changed hands
+            if faults.hook is not None:
+                faults.hook("lock.takeover-decided")
+            self.record()  # before the guard drops: a later waiter sees a live owner
             return True
+
+    def recover_from_dead_owner(self) -> bool:
+        """Take the lock if its record names a dead process; True if the caller now
+        holds it (and is recorded as its owner). Never waits for the semaphore."""
+        holder = self.holder()
+        if holder is None or holder[0] == 0 or self.holder_liveness(holder) is not Liveness.DEAD:
+            return False
+        return self._take_over(holder)
 
     def release_if_dead_owner(self) -> bool:
-        """For supervisors: free a lock whose holder died. True if one was freed.
+        """For supervisors: free a lock whose recorded holder died. True if one was freed.
 
-        A busy lock gets ``check_interval`` to free up first, as in :meth:`acquire`: a live
-        process that has just taken the semaphore stores its pid a moment later, and until
-        then the field still names the previous holder, who may be dead.
+        A probe, never a hold: it reads the semaphore's value and the record, and takes
+        the semaphore only to take over from the dead (recorded as owner while it holds
+        it). A hold that is not recorded yet is left to the waiters' grace rule.
         """
-        try:
-            self._semaphore.acquire(self.check_interval)
-        except posix_ipc.BusyError:
-            if not self.recover_from_dead_owner():
-                return False
-            self.release()
-            return True
-        self._semaphore.release()  # never ours to record: we held it for no time
-        return False
+        if self._semaphore.value != 0:
+            return False
+        if not self.recover_from_dead_owner():
+            return False
+        self.release()
+        return True
 
     def release(self) -> None:
-        self._owner[self._owner_index] = 0
+        self._q[self._pid_i] = 0
+        if faults.hook is not None:
+            faults.hook("lock.cleared-unposted")
         self._semaphore.release()
 
     def __enter__(self) -> RobustLock:
@@ -226,13 +316,3 @@ class RobustLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
-
-
-class CurrentPid:
-    """This process's pid as a class attribute (one attribute load on the hot path),
-    refreshed after fork: gunicorn forks workers from the master."""
-
-    value = os.getpid()
-
-
-os.register_at_fork(after_in_child=lambda: setattr(CurrentPid, "value", os.getpid()))

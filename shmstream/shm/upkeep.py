@@ -1,0 +1,158 @@
+"""Upkeep of a shared-memory namespace: gc (debris, dead holders' locks, dead producers,
+expiry) and the supervisor's cheaper dead-producer reaping.
+
+The registry lock is held exclusively only for steps that never wait on a session lock
+(removing debris, unlinking a name that still refers to the segment examined), so a stuck
+session lock never blocks other processes' opens and creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+from shmstream.shm import segment
+from shmstream.shm.layout import CorruptSegment
+from shmstream.shm.store import REAP_LOCK_TIMEOUT, ShmSession, ShmStore
+from shmstream.shm.sync import Liveness, LockTimeout, flocked
+from shmstream.store import faults
+from shmstream.store.interface import GCReport
+from shmstream.store.states import State
+
+log = logging.getLogger("shmstream.store")
+
+
+def gc(store: ShmStore, now: float | None = None) -> GCReport:
+    """One pass: drop debris, free dead holders' locks, reap dead producers, expire.
+
+    The registry lock is held exclusively only for steps that never wait on a session
+    lock (removing debris, unlinking a name that still refers to the segment examined),
+    so a stuck session lock never blocks other processes' opens and creates.
+    """
+    now = time.time() if now is None else now
+    cutoff_us = int((now - store.ttl) * 1e6)
+    report = GCReport()
+    registry = segment.registry_lock_path(store.namespace)
+    names = segment.list_names(store.namespace)
+    for name in names:  # the registry lock per segment: get() never waits for a whole pass
+        with flocked(registry):
+            age = segment.unfinished_age(name, now)
+            if age is not None and age >= segment.DEBRIS_GRACE:
+                log.warning("gc: removing unfinished segment %s (%.0f s old)", name, age)
+                segment.retire(store.namespace, name)
+                report.corrupt_removed += 1
+            elif age is None and not segment.is_indexed(store.namespace, name):
+                with contextlib.suppress(FileNotFoundError):  # its creator died before
+                    segment.add_to_index(store.namespace, name)  # indexing it
+    with flocked(registry):
+        for name in segment.list_orphan_semaphores(store.namespace):
+            segment.unlink(name)
+            report.corrupt_removed += 1
+    if faults.hook is not None:
+        faults.hook("gc.debris-done")
+    for name in names:
+        session = open_any(store, name)
+        if session is None:
+            continue
+        try:
+            _collect(store, session, name, cutoff_us, report)
+        except LockTimeout:
+            # Nobody can use this session again; its readers time out too.
+            if unlink_if_current(store, session):
+                log.error("gc: removed %s: its lock is stuck (a live holder hangs, or "
+                          "one of another pid namespace died)", name)
+                report.corrupt_removed += 1
+        finally:
+            session.close()
+    with flocked(registry):
+        freed = segment.collect_retired(store.namespace)
+    if freed:
+        log.info("gc: freed %d replaced or removed segments no process maps any more", freed)
+    return report
+
+
+def open_any(store: ShmStore, name: str) -> ShmSession | None:
+    """Open ``name`` whatever id it stores (gc, reaping); None if gone or unusable."""
+    try:
+        with flocked(segment.registry_lock_path(store.namespace), shared=True):
+            seg = segment.open_segment(store.namespace, name)
+    except CorruptSegment:
+        return None  # unfinished: gc removes it after its grace; foreign: not ours
+    return None if seg is None else ShmSession(seg, "")
+
+
+def unlink_if_current(store: ShmStore, session: ShmSession) -> bool:
+    """Retire the session's name if it still refers to this session's segment (not to a
+    newer one created meanwhile). True if it did."""
+    with flocked(segment.registry_lock_path(store.namespace)):
+        if not session.segment.still_named():
+            return False
+        segment.retire(store.namespace, session.segment.name)
+        return True
+
+def _collect(store: ShmStore, session: ShmSession, name: str, cutoff_us: int,
+             report: GCReport) -> None:
+    if session.segment.lock.release_if_dead_owner():
+        report.locks_recovered += 1
+        log.warning("gc: released the lock of %s from a dead holder", name)
+    state, completed, producer, pid = session.lifecycle()
+    if state is State.RUNNING and producer is Liveness.DEAD:
+        if session.finalize(State.ABORTED):
+            report.aborted += 1
+            log.warning("session aborted id=%s producer pid %d died (gc, segment %s)",
+                        _id_tag(session), pid, name)
+    elif state.is_terminal and completed <= cutoff_us:
+        tag = _id_tag(session)
+        if unlink_if_current(store, session):
+            report.expired += 1
+            log.info("session expired id=%s state=%s ended %.0fs ago", tag, state.label,
+                     (cutoff_us - completed) / 1e6 + store.ttl)
+            return
+    report.kept += 1
+
+def abort_producers(store: ShmStore, pids: Iterable[int] | None = None) -> int:
+    """Finalize as ``aborted`` the running sessions whose producer process is dead
+    (``pids`` None), or is one of ``pids`` of our pid namespace (a worker that died or
+    is being stopped); release locks held by dead processes on the way. A producer of
+    another pid namespace is never judged dead here. Returns how many were aborted.
+
+    Cheaper than :meth:`gc`: it takes the registry lock only to open each segment.
+    """
+    targets = None if pids is None else set(pids)
+    aborted = 0
+    for name in segment.list_names(store.namespace):
+        session = open_any(store, name)
+        if session is None:
+            continue
+        try:
+            session.segment.lock.release_if_dead_owner()
+            try:
+                state, _, producer, pid = session.lifecycle(REAP_LOCK_TIMEOUT)
+            except LockTimeout:
+                log.error("segment %s: lock stuck; left to gc", name)
+                continue
+            if state is not State.RUNNING:
+                continue
+            if targets is None:
+                doomed = producer is Liveness.DEAD
+            else:
+                doomed = pid in targets and producer is not Liveness.UNKNOWN
+            if doomed and session.finalize(State.ABORTED):
+                aborted += 1
+                log.warning("session aborted id=%s producer pid %d %s (segment %s)",
+                            _id_tag(session), pid,
+                            "died" if targets is None else "stopped", name)
+        finally:
+            session.close()
+    return aborted
+
+
+def _id_tag(session: ShmSession) -> str:
+    """The log handle of a session opened without its id (gc): the stored id's hash."""
+    try:
+        stored = session.segment.header.metadata().get("id")
+    except CorruptSegment:
+        return "unknown"
+    return segment.short_hash(stored) if isinstance(stored, str) else "unknown"
