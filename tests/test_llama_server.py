@@ -86,10 +86,11 @@ def test_the_session_header_never_reaches_llama_server(llama_service, llama):
 
 def test_stop_on_another_worker_frees_the_slot_within_a_second(llama_service, llama):
     conversation_id = new_id("stop")
+    call, slot = _start_long_answer(llama_service, llama, conversation_id)
+    producer = relaying_process(llama_service.process.pid, llama.port)
+    # Pinned connections are made last: gunicorn closes idle ones after its keepalive (5 s).
     connections = WorkerConnections(llama_service)
     try:
-        call, slot = _start_long_answer(llama_service, llama, conversation_id)
-        producer = relaying_process(llama_service.process.pid, llama.port)
         worker, client = connections.other_than(producer)
         _assert_not_ending_by_itself(slot, call)
 

@@ -12,8 +12,9 @@ Where it keeps things (read from its source, tools/ui/src): chats in the Indexed
 ``#/chat/<id>``, the composer as a ``[role=textbox]`` contenteditable, Send and Stop as
 buttons named so.
 
-Each answer's length is set by adding ``max_tokens`` to the UI's request on its way out
-(Playwright request interception); nothing else of the request changes.
+Each answer's length is set by putting ``max_tokens`` (and ``ignore_eos``) into the UI's
+streamed completion on its way out (Playwright request interception); nothing else of the
+request changes.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ class WebUI:
             route.continue_()
             return
         body = json.loads(request.post_data or "{}")
-        body.setdefault("max_tokens", self.max_tokens)
+        if body.get("stream") is not True:  # e.g. the UI's n_predict=0 cache warm-up
+            route.continue_()
+            return
+        body["max_tokens"] = self.max_tokens  # the UI sends -1 (until the context is full)
         body["ignore_eos"] = True
         route.continue_(post_data=json.dumps(body))
 
