@@ -249,13 +249,17 @@ def test_leaving_the_tab_and_coming_back_resumes_and_finishes(webui, llama_servi
     session_id = _session_id(llama_service.url, chat_id)
     _wait_growing(ui, chat_id)
 
-    # Away: hidden, and frozen as Chrome freezes background tabs, past the UI's 3 s "the
-    # socket likely died" threshold; back: active and visible.
+    # Away: hidden, and its JavaScript halted (as Chrome freezes a background tab) past the
+    # UI's 3 s "the socket likely died" threshold; back: running and visible. (CDP's
+    # Page.setWebLifecycleState "frozen" left timers running in this Chromium; a debugger
+    # pause stops them.)
     cdp = ui.context.new_cdp_session(ui.page)
     ui.set_visibility("hidden")
-    cdp.send("Page.setWebLifecycleState", {"state": "frozen"})
+    cdp.send("Debugger.enable")
+    cdp.send("Debugger.pause")
     time.sleep(AWAY_SECONDS)  # the scenario itself (time away), not a synchronisation
-    cdp.send("Page.setWebLifecycleState", {"state": "active"})
+    cdp.send("Debugger.resume")
+    cdp.send("Debugger.disable")
     ui.set_visibility("visible")
 
     expected = _finished_answer(ui, llama_service.url, chat_id, session_id)
