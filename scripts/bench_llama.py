@@ -143,7 +143,7 @@ def _busy_task(llama: LlamaServer, timeout: float = 60) -> int:
 
 def stop_phase(args, service: Service, llama: LlamaServer) -> dict:
     body = {"messages": [{"role": "user", "content": "stop me"}], "stream": True,
-            "max_tokens": 6000, "ignore_eos": True, "timings_per_token": True}
+            "max_tokens": 12000, "ignore_eos": True, "timings_per_token": True}
     results: dict[str, list[float]] = {"service_delete": [], "direct_hangup": []}
     for _ in range(args.stops):
         for side in results:

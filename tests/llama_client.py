@@ -17,6 +17,8 @@ from llama_server import LlamaServer
 from polling import wait_for
 from service import Service
 
+from shmstream.store.ids import short_hash
+
 SLOT_IDLE_BOUND = 1.0  # seconds from Stop (or a replace, or a kill) to an idle slot: issue 9
 WORKERS = 4  # gunicorn workers in front of llama-server, as in issue 9
 SETTLE_TIMEOUT = 30.0  # generous bound for anything the loaded machine may make slow
@@ -199,11 +201,31 @@ def time_until_idle(server: LlamaServer, task: int, started: float,
 
 
 def remaining_seconds(slot: dict, started: float) -> float:
-    """How long the slot's generation would still run by itself, at its rate so far."""
+    """How long the slot's generation would still run by itself, at its rate so far: until
+    its ``max_tokens`` or its context is used up, whichever comes first."""
     progress = slot["next_token"][0]
-    decoded, remain = progress["n_decoded"], progress["n_remain"]
+    decoded = progress["n_decoded"]
+    remain = progress["n_remain"] if progress["n_remain"] >= 0 else float("inf")
+    remain = min(remain, slot["n_ctx"] - slot.get("n_prompt_tokens", 0) - decoded)
     rate = decoded / max(time.monotonic() - started, 1e-3)
     return remain / rate if rate > 0 else float("inf")
+
+
+def logged_target(conversation_id: str) -> str:
+    """How the access log shows an id: ``~<short hash>`` (ids are capabilities)."""
+    return "~" + short_hash(conversation_id)
+
+
+def logged_pids(service: Service, method: str, conversation_id: str) -> list[int]:
+    """The pids that served ``method`` requests on ``conversation_id``, from the access log."""
+    needle = logged_target(conversation_id)
+    return [pid for pid, logged_method, target, _ in service.access()
+            if logged_method == method and needle in target]
+
+
+def logged_pid(service: Service, conversation_id: str) -> int:
+    """The pid that served the (first) GET on ``conversation_id``."""
+    return wait_for(lambda: (logged_pids(service, "GET", conversation_id) or [None])[0], 10)
 
 
 class WorkerConnections:
@@ -226,12 +248,7 @@ class WorkerConnections:
                 self.clients[pid] = client
 
     def _pid_of(self, probe: str) -> int | None:
-        def logged():
-            for pid, _method, target, _status in self.service.access():
-                if probe in target:
-                    return pid
-            return None
-        return wait_for(logged, 10)
+        return logged_pid(self.service, probe)
 
     def other_than(self, pid: int) -> tuple[int, httpx.Client]:
         """A connection served by a worker other than ``pid``."""

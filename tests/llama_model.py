@@ -28,7 +28,7 @@ EMBEDDING = 64
 LAYERS = 2
 HEADS = 4
 FEED_FORWARD = 128
-CONTEXT = 4096
+CONTEXT = 16384  # llama-server caps a slot's context at this
 OUTPUT_SCALE = 1.5  # logit spread ~ OUTPUT_SCALE * sqrt(EMBEDDING) = 12
 
 

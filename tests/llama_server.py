@@ -25,7 +25,7 @@ from service import ROOT, free_port
 ALLOW_MISSING_ENV = "SHMSTREAM_ALLOW_NO_LLAMA"
 PREPARE_COMMAND = "python3 scripts/llama_server.py"
 PARALLEL = 4  # slots
-CONTEXT = 8192  # tokens, shared by the slots (unified KV cache)
+CONTEXT = 16384  # tokens, shared by the slots (unified KV cache), each may use all
 DEFAULT_MAX_TOKENS = 400  # for requests that set none (the web UI's)
 
 

@@ -268,7 +268,7 @@ def test_leaving_the_tab_and_coming_back_resumes_and_finishes(webui, llama_servi
 
 
 def test_stop_ends_the_answer_and_frees_the_slot_within_a_second(webui, llama, llama_service):
-    ui = webui(max_tokens=6000)
+    ui = webui(max_tokens=12000)
     chat_id = ui.send("never stop talking")
     session_id = _session_id(llama_service.url, chat_id)
     _wait_growing(ui, chat_id)
