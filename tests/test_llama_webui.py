@@ -26,7 +26,6 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from llama_client import SLOT_IDLE_BOUND, chat_content, lookup, replay, time_until_idle
-from polling import wait_for
 
 pytest_plugins = ["llama_fixtures"]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slots_idle_after")]
@@ -36,7 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 WAIT_MS = 60_000  # the longest any page condition may take on the loaded machine
-ANSWER_TOKENS = 2500
+ANSWER_TOKENS = 8000  # ~13 s at the ~600 tokens/s measured here: long enough to act mid-answer
 AWAY_SECONDS = 3.5  # longer than the UI's STREAM_VISIBILITY_KICK_MS (3 s): the socket "died"
 ASSISTANT = '[aria-label="Assistant message with actions"]'
 
@@ -158,7 +157,27 @@ class WebUI:
         return answers[-1] if answers else ""
 
     def shown_answer(self) -> str:
-        return self.page.locator(ASSISTANT).last.locator(".markdown-content").inner_text()
+        """The last answer's text as the page shows it ("" before there is one)."""
+        return self.page.evaluate(
+            """(selector) => {
+                const answers = document.querySelectorAll(selector);
+                const last = answers[answers.length - 1];
+                const content = last && last.querySelector('.markdown-content');
+                return content ? content.innerText : '';
+            }""", ASSISTANT)
+
+    def wait_for(self, predicate, timeout: float = 60.0, interval_ms: int = 50):
+        """The first true value of ``predicate()``, polled while Playwright keeps serving
+        the page's events (its request interception runs only inside Playwright calls, so
+        a plain sleep would hold the UI's completion request). AssertionError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met in {timeout}s\n{self.diagnostics()}")
+            self.page.wait_for_timeout(interval_ms)
 
     def set_visibility(self, state: str) -> None:
         self.page.evaluate(SET_VISIBILITY_JS, state)
@@ -185,18 +204,20 @@ def webui(browser, llama_service):
         ui.close()
 
 
-def _session_id(base_url: str, chat_id: str) -> str:
+def _session_id(ui: WebUI, base_url: str, chat_id: str) -> str:
     """The id of the chat's session: ``<chat id>`` or ``<chat id>::<model>``."""
     def found():
         entries = lookup(base_url, chat_id)
         return entries[0]["conversation_id"] if entries else None
-    session_id = wait_for(found, 30, interval=0.05)
+    session_id = ui.wait_for(found, 30)
     assert session_id == chat_id or session_id.startswith(chat_id + "::"), session_id
     return session_id
 
 
-def _wait_growing(ui: WebUI, chat_id: str, chars: int = 200) -> None:
-    wait_for(lambda: len(ui.answer(chat_id)) >= chars, 60, interval=0.1)
+def _wait_growing(ui: WebUI, chars: int = 200) -> None:
+    """Until the page shows ``chars`` of the answer (the UI writes its store, IndexedDB,
+    only at the end of an answer)."""
+    ui.wait_for(lambda: len(ui.shown_answer()) >= chars, 60)
 
 
 def _finished_answer(ui: WebUI, base_url: str, chat_id: str, session_id: str) -> str:
@@ -204,11 +225,11 @@ def _finished_answer(ui: WebUI, base_url: str, chat_id: str, session_id: str) ->
     def done():
         entries = [e for e in lookup(base_url, chat_id) if e["conversation_id"] == session_id]
         return entries and entries[0]["is_done"]
-    wait_for(done, 120, interval=0.1)
+    ui.wait_for(done, 120)
     expected = chat_content(replay(base_url, session_id))
     assert len(expected.split()) > 100
     try:
-        wait_for(lambda: ui.answer(chat_id) == expected, 60, interval=0.1)
+        ui.wait_for(lambda: ui.answer(chat_id) == expected, 60)
     except AssertionError:
         got = ui.answer(chat_id)
         same = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
@@ -231,8 +252,8 @@ def test_the_ui_is_llama_servers_own_through_shmstream(webui, llama, llama_servi
 def test_reload_mid_answer_resumes_and_finishes(webui, llama_service):
     ui = webui()
     chat_id = ui.send("tell me a long story")
-    session_id = _session_id(llama_service.url, chat_id)
-    _wait_growing(ui, chat_id)
+    session_id = _session_id(ui, llama_service.url, chat_id)
+    _wait_growing(ui)
     assert not [e for e in lookup(llama_service.url, chat_id) if e["is_done"]], \
         "the answer finished before the reload: raise ANSWER_TOKENS"
 
@@ -246,8 +267,8 @@ def test_reload_mid_answer_resumes_and_finishes(webui, llama_service):
 def test_leaving_the_tab_and_coming_back_resumes_and_finishes(webui, llama_service):
     ui = webui()
     chat_id = ui.send("tell me another long story")
-    session_id = _session_id(llama_service.url, chat_id)
-    _wait_growing(ui, chat_id)
+    session_id = _session_id(ui, llama_service.url, chat_id)
+    _wait_growing(ui)
 
     # Away: hidden, and its JavaScript halted (as Chrome freezes a background tab) past the
     # UI's 3 s "the socket likely died" threshold; back: running and visible. (CDP's
@@ -270,9 +291,9 @@ def test_leaving_the_tab_and_coming_back_resumes_and_finishes(webui, llama_servi
 def test_stop_ends_the_answer_and_frees_the_slot_within_a_second(webui, llama, llama_service):
     ui = webui(max_tokens=12000)
     chat_id = ui.send("never stop talking")
-    session_id = _session_id(llama_service.url, chat_id)
-    _wait_growing(ui, chat_id)
-    busy = wait_for(lambda: llama.busy(), 30, interval=0.02)
+    session_id = _session_id(ui, llama_service.url, chat_id)
+    _wait_growing(ui)
+    busy = ui.wait_for(lambda: llama.busy(), 30)
     assert len(busy) == 1
     task = busy[0]["id_task"]
     stop = ui.stop_button()
@@ -283,8 +304,8 @@ def test_stop_ends_the_answer_and_frees_the_slot_within_a_second(webui, llama, l
     idle_after = time_until_idle(llama, task, started)
     assert idle_after <= SLOT_IDLE_BOUND, (
         f"slot still busy {idle_after:.3f}s after Stop in the UI\n{ui.diagnostics()}")
-    wait_for(lambda: any(r.startswith("DELETE ") and "/v1/stream" in r for r in ui.requests),
-             10)
+    ui.wait_for(lambda: any(r.startswith("DELETE ") and "/v1/stream" in r
+                            for r in ui.requests), 10)
     gone = httpx.get(f"{llama_service.url}/v1/stream",
                      params={"conv_id": session_id, "from": 0}, timeout=10)
     assert gone.status_code == 404
@@ -293,6 +314,6 @@ def test_stop_ends_the_answer_and_frees_the_slot_within_a_second(webui, llama, l
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         assert ui.answer(chat_id) == stopped_at, "the answer grew after Stop"
-        time.sleep(0.05)
+        ui.page.wait_for_timeout(50)
     assert len(stopped_at) > 0
     assert ui.page.get_by_role("button", name="Send").first.is_visible()
