@@ -20,6 +20,7 @@ request changes.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from urllib.parse import unquote
 
@@ -239,6 +240,25 @@ def _finished_answer(ui: WebUI, base_url: str, chat_id: str, session_id: str) ->
     return expected
 
 
+def _cut_browser_connections(port: int) -> int:
+    """Abort every established connection to the service's ``port`` from this host's clients
+    (the browser's; the test's own calls use fresh connections), with ``ss -K`` (root and a
+    kernel with socket destroy). The number cut."""
+    listed = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+                            capture_output=True, text=True, timeout=10)
+    count = len([line for line in listed.stdout.splitlines() if line.strip()])
+    killed = subprocess.run(["ss", "-K", "-Htn", "state", "established",
+                             f"( dport = :{port} )"], capture_output=True, text=True,
+                            timeout=10)
+    assert killed.returncode == 0, f"ss -K failed: {killed.stderr}"
+    return count
+
+
+def _reattached(ui: WebUI, since: int) -> list[str]:
+    """The UI's GET /v1/stream requests (re-attach or resume) after request ``since``."""
+    return [r for r in ui.requests[since:] if r.startswith("GET ") and "/v1/stream?" in r]
+
+
 def test_the_ui_is_llama_servers_own_through_shmstream(webui, llama, llama_service):
     direct = httpx.get(llama.url + "/", timeout=30)
     proxied = httpx.get(llama_service.url + "/", timeout=30)
@@ -257,9 +277,11 @@ def test_reload_mid_answer_resumes_and_finishes(webui, llama_service):
     assert not [e for e in lookup(llama_service.url, chat_id) if e["is_done"]], \
         "the answer finished before the reload: raise ANSWER_TOKENS"
 
+    before = len(ui.requests)
     ui.page.reload()
     ui.composer().wait_for()
     expected = _finished_answer(ui, llama_service.url, chat_id, session_id)
+    assert _reattached(ui, before), f"no GET /v1/stream after the reload\n{ui.diagnostics()}"
     assert " ".join(ui.shown_answer().split()) == " ".join(expected.split())
     assert len(ui.answers(chat_id)) == 1, "the reload made a second answer"
 
@@ -270,20 +292,25 @@ def test_leaving_the_tab_and_coming_back_resumes_and_finishes(webui, llama_servi
     session_id = _session_id(ui, llama_service.url, chat_id)
     _wait_growing(ui)
 
-    # Away: hidden, and its JavaScript halted (as Chrome freezes a background tab) past the
-    # UI's 3 s "the socket likely died" threshold; back: running and visible. (CDP's
-    # Page.setWebLifecycleState "frozen" left timers running in this Chromium; a debugger
-    # pause stops them.)
+    # Away: hidden, its JavaScript halted (as Chrome freezes a background tab) and its
+    # connection to the service cut (as the OS drops a background tab's socket), for longer
+    # than the UI's 3 s "the socket likely died" threshold; back: running and visible.
+    # (CDP's Page.setWebLifecycleState "frozen" left timers running in this Chromium; a
+    # debugger pause stops them.)
     cdp = ui.context.new_cdp_session(ui.page)
+    before = len(ui.requests)
     ui.set_visibility("hidden")
     cdp.send("Debugger.enable")
     cdp.send("Debugger.pause")
+    cut = _cut_browser_connections(llama_service.port)
     time.sleep(AWAY_SECONDS)  # the scenario itself (time away), not a synchronisation
     cdp.send("Debugger.resume")
     cdp.send("Debugger.disable")
     ui.set_visibility("visible")
+    assert cut, "no connection of the page to the service was open to cut"
 
     expected = _finished_answer(ui, llama_service.url, chat_id, session_id)
+    assert _reattached(ui, before), f"no GET /v1/stream after coming back\n{ui.diagnostics()}"
     assert " ".join(ui.shown_answer().split()) == " ".join(expected.split())
     assert len(ui.answers(chat_id)) == 1
 
