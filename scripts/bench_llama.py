@@ -8,17 +8,17 @@ both.
 
 1. Latency, in one run: S streamed chat completions through the service (with a
    conversation id, so every byte goes through a session) and S straight to llama-server,
-   all at once, interleaved. Each token's event carries llama-server's own clock
-   (``timings.prompt_ms + timings.predicted_ms`` since its task started, with
-   ``timings_per_token``), so for every event ``arrival - sent - server time`` is the
-   time spent outside llama-server: the request's way in plus the event's way out. The
+   one at a time, alternating (after a warm-up of both paths). Each token's event carries
+   llama-server's own clock (``timings.prompt_ms + timings.predicted_ms`` since its task
+   started, with ``timings_per_token``), so for every event ``arrival - sent - server
+   time`` is the time spent outside llama-server: the request's way in plus the event's way out. The
    difference of that delay between the two paths is what the service adds.
 2. Stop: a long answer through the service, ``DELETE /v1/stream?conv_id=`` on a fresh
    connection (any worker) mid-answer, and the time until llama-server's ``GET /slots``
    shows its slot idle; beside it the same for a direct client that hangs up, which is how
    fast llama-server itself notices.
 
-    .venv/bin/python scripts/bench_http.py --llama                # 2 + 2 streams, 500 tokens
+    .venv/bin/python scripts/bench_http.py --llama                # 4 + 4 streams, 500 tokens
     .venv/bin/python scripts/bench_http.py --llama --streams 1 --tokens 100 --stops 3
 """
 
@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -58,9 +57,10 @@ def _post(port: int, body: dict, conversation_id: str | None):
     return connection, connection.getresponse(), sent
 
 
-def timed_stream(port: int, tokens: int, conversation_id: str | None, delays: list[float],
+def timed_stream(port: int, tokens: int, conversation_id: str | None, delays: list[list[float]],
                  errors: list[str]) -> None:
-    """One streamed answer; appends ``arrival - sent - server time`` (ms) of each token."""
+    """One streamed answer; appends the list of ``arrival - sent - server time`` (ms) of
+    its tokens, in order, to ``delays``."""
     body = {"messages": [{"role": "user", "content": "benchmark"}], "stream": True,
             "max_tokens": tokens, "ignore_eos": True, "timings_per_token": True}
     try:
@@ -69,6 +69,8 @@ def timed_stream(port: int, tokens: int, conversation_id: str | None, delays: li
             errors.append(f"status {response.status}")
             return
         pending = b""
+        mine: list[float] = []
+        delays.append(mine)
         while True:
             chunk = response.read1(65536)
             if not chunk:
@@ -82,7 +84,7 @@ def timed_stream(port: int, tokens: int, conversation_id: str | None, delays: li
                 timings = json.loads(event[6:]).get("timings")
                 if timings and timings.get("predicted_n"):
                     server_ms = timings["prompt_ms"] + timings["predicted_ms"]
-                    delays.append((arrival - sent) * 1000 - server_ms)
+                    mine.append((arrival - sent) * 1000 - server_ms)
         connection.close()
     except Exception as exc:  # reported in the results
         errors.append(repr(exc))
@@ -97,28 +99,31 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def latency_phase(args, service: Service, llama: LlamaServer) -> dict:
-    sides = {"direct": ([], []), "service": ([], [])}
-    threads = []
     run = uuid.uuid4().hex[:8]
+    # Warm up both paths (every worker's first upstream connection, llama-server's caches).
+    for index in range(2 * args.workers):
+        timed_stream(service.port, 4, f"warm-{run}-{index}", [], [])
+    timed_stream(llama.port, 4, None, [], [])
+    sides = {"direct": ([], []), "service": ([], [])}
+    # One stream at a time, alternating the paths: a task queued behind another's prompt
+    # would count its wait as time outside llama-server.
     for index in range(args.streams):
         for side in ("service", "direct"):
             port = service.port if side == "service" else llama.port
             conversation_id = f"bench-{run}-{index}" if side == "service" else None
-            threads.append(threading.Thread(target=timed_stream, args=(
-                port, args.tokens, conversation_id, *sides[side])))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+            timed_stream(port, args.tokens, conversation_id, *sides[side])
     result = {}
-    for side, (delays, errors) in sides.items():
-        # The first events carry the request's way in and the prompt's queueing; both
-        # sides pay them, but report the steady state too.
-        result[side] = {"all": _percentiles(delays), "errors": len(errors),
-                        "first_errors": errors[:3]}
-    if result["direct"]["all"]["n"] and result["service"]["all"]["n"]:
-        result["added_ms"] = {q: round(result["service"]["all"][q] - result["direct"]["all"][q], 3)
-                              for q in ("p50", "p90", "p99")}
+    for side, (streams, errors) in sides.items():
+        # The first token's delay holds the request's way in (and any queueing before the
+        # task starts); the later ones are the events' way out.
+        result[side] = {"first_token": _percentiles([s[0] for s in streams if s]),
+                        "later_tokens": _percentiles([d for s in streams for d in s[1:]]),
+                        "errors": len(errors), "first_errors": errors[:3]}
+    for part in ("first_token", "later_tokens"):
+        direct, relayed = result["direct"][part], result["service"][part]
+        if direct["n"] and relayed["n"]:
+            result.setdefault("added_ms", {})[part] = {
+                q: round(relayed[q] - direct[q], 3) for q in ("p50", "p90", "p99")}
     return result
 
 
@@ -173,7 +178,7 @@ def stop_phase(args, service: Service, llama: LlamaServer) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama", action="store_true", help="(the mode's flag in bench_http)")
-    parser.add_argument("--streams", type=int, default=2, help="streams per side (2)")
+    parser.add_argument("--streams", type=int, default=4, help="streams per side (4)")
     parser.add_argument("--tokens", type=int, default=500, help="tokens per stream (500)")
     parser.add_argument("--stops", type=int, default=5, help="Stop measurements (5)")
     parser.add_argument("--workers", type=int, default=4)
@@ -209,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
             ShmStore(namespace).purge()
     print(f"\nload average before {results['loadavg_before'][0]:.2f}, after "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    added = results.get("latency", {}).get("added_ms")
-    if added:
-        direct = results["latency"]["direct"]["all"]
-        print(f"service adds p50 {added['p50']:.2f} ms, p99 {added['p99']:.2f} ms per token "
-              f"(direct p50 {direct['p50']:.2f} / p99 {direct['p99']:.2f} ms outside "
-              f"llama-server)")
+    added = results.get("latency", {}).get("added_ms", {})
+    for part, label in (("first_token", "to the first token"), ("later_tokens", "per token")):
+        if part in added:
+            direct = results["latency"]["direct"][part]
+            print(f"service adds {label}: p50 {added[part]['p50']:.2f} ms, p99 "
+                  f"{added[part]['p99']:.2f} ms (direct, outside llama-server: p50 "
+                  f"{direct['p50']:.2f} / p99 {direct['p99']:.2f} ms)")
     if "stop" in results:
         stop = results["stop"]
         print(f"Stop -> slot idle: median {stop['service_delete']['median_ms']} ms via "
