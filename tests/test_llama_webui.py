@@ -329,6 +329,7 @@ def test_stop_ends_the_answer_and_frees_the_slot_within_a_second(webui, llama, l
     started = time.monotonic()
     stop.click()
     idle_after = time_until_idle(llama, task, started)
+    print(f"\nStop in the web UI -> slot idle {idle_after:.3f}s")
     assert idle_after <= SLOT_IDLE_BOUND, (
         f"slot still busy {idle_after:.3f}s after Stop in the UI\n{ui.diagnostics()}")
     ui.wait_for(lambda: any(r.startswith("DELETE ") and "/v1/stream" in r
