@@ -16,8 +16,12 @@ repository's ``gunicorn.conf.py``), runs, and stops both.
 4. Cancel: DELETE (on a fresh connection, so on any worker) while the upstream is silent,
    mid-stream or during prompt processing: time until the upstream sees its client go.
 
+``--llama`` runs against the real llama-server instead (scripts/bench_llama.py: the latency
+shmstream adds over a direct connection, and Stop -> slot idle).
+
     .venv/bin/python scripts/bench_http.py                    # 100 x 100/s, 4 workers
     .venv/bin/python scripts/bench_http.py --streams 20 --duration 5 --readers 200
+    .venv/bin/python scripts/bench_http.py --llama [--streams 2 --tokens 500 --stops 5]
 """
 
 from __future__ import annotations
@@ -325,6 +329,10 @@ def cancel_phase(args, service: Service, upstream: UpstreamProcess) -> dict:
 
 
 def main() -> int:
+    if "--llama" in sys.argv[1:]:
+        from bench_llama import main as llama_main
+
+        return llama_main(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--rate", type=float, default=100.0, help="events/s per stream")
