@@ -4,7 +4,9 @@
 The same workloads run on each backend in one run, with the same event size and counts:
 appends/s of 200 B events, producer -> reader latency across processes (p50/p99), one
 producer fanning out to 1/10/100 reader processes (chunks delivered per second), and the
-replay of a full 4 MiB session by a fresh handle. Prints a table with the ratio per row, or
+replay of a full 4 MiB session by a fresh handle, and the storage a finished session
+costs for 1 KB / 22 KB / 300 KB / 4 MiB / 6 MB answers (``SessionInfo.allocated_bytes``;
+on Redis also ``used_memory`` per 22 KB session). Prints a table with the ratio per row, or
 one JSON object with ``--json``. Starts its own ``redis-server`` on a free loopback port
 (persistence off) and removes everything it made at exit.
 
@@ -27,6 +29,9 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# tests/redis_server.py: the throwaway redis-server the tests use
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
 
 from benchkit import (
     CHILD_DEADLINE,
@@ -183,6 +188,50 @@ def bench_replay(backend: str, namespace: str, repeat: int) -> dict:
     return {"replay_ms": seconds * 1000, "replay_mb_per_s": capacity / 1e6 / seconds}
 
 
+# Answer sizes whose storage cost is measured: a short reply, a typical chat answer (22 KB
+# of SSE), a long one, one that fills the default 4 MiB ring and one that wraps it.
+MEMORY_ANSWERS = [("1k", 1_000), ("22k", 22_000), ("300k", 300_000), ("4m", 4 * MIB),
+                  ("6m", 6_000_000)]
+
+
+def bench_memory(backend: str, namespace: str, sessions: int) -> dict:
+    """Storage per finished session, as ``SessionInfo.allocated_bytes`` reports it (shm: pages
+    of its segment; Redis: ``MEMORY USAGE`` of its keys), for answers of 200 B events. On
+    Redis also the growth of ``used_memory`` per 22 KB session over ``sessions`` of them,
+    which counts everything (index, expiry zset, key overhead)."""
+    capacity = 4 * MIB
+    store = open_store(backend, namespace, capacity=capacity)
+    results: dict = {}
+    for name, size in MEMORY_ANSWERS:
+        progress(f"{label(backend)}: memory of a {name} answer")
+        session = store.create_or_replace(f"memory-{name}")
+        append_rate(session, -(-size // len(EVENT)))
+        session.finalize()
+        info = session.info()
+        held = info.total_bytes - info.dropped_bytes
+        results[f"memory_{name}_allocated"] = info.allocated_bytes
+        results[f"memory_{name}_per_held_byte"] = info.allocated_bytes / held
+        session.close()
+        store.evict(f"memory-{name}")
+    if backend != "shm":
+        import redis
+
+        client = redis.Redis.from_url(backend)
+        before = client.info("memory")["used_memory"]
+        for index in range(sessions):
+            if index % 100 == 0:
+                progress(f"{label(backend)}: {index}/{sessions} sessions of 22 KB")
+            session = store.create_or_replace(f"memory-many-{index}")
+            append_rate(session, 22_000 // len(EVENT))
+            session.finalize()
+            session.close()
+        results["memory_used_per_22k_session"] = (
+            (client.info("memory")["used_memory"] - before) / sessions)
+        client.close()
+    store.close()
+    return results
+
+
 def run_backend(backend: str, args, reader_counts: list[int]) -> dict:
     namespace = f"benchb{os.getpid()}x{uuid.uuid4().hex[:8]}"
     children = Children(CTX)
@@ -196,6 +245,7 @@ def run_backend(backend: str, args, reader_counts: list[int]) -> dict:
             results[f"fanout_{readers}_producer_appends_per_s"] = fanout["producer_appends_per_s"]
             results[f"fanout_{readers}_complete"] = fanout["complete"]
         results.update(bench_replay(backend, namespace, repeat=args.replays))
+        results.update(bench_memory(backend, namespace, args.memory_sessions))
     finally:
         children.reap()
         purge(backend, namespace)
@@ -220,6 +270,13 @@ TAIL_ROWS = [
     ("replay_ms", "replay 4 MiB, fresh handle (ms)", "{:,.2f}", False),
     ("replay_mb_per_s", "replay 4 MiB, fresh handle (MB/s)", "{:,.0f}", True),
 ]
+for _name, _size in MEMORY_ANSWERS:
+    TAIL_ROWS.append((f"memory_{_name}_allocated", f"storage of a {_name} answer (B)",
+                      "{:,.0f}", False))
+    TAIL_ROWS.append((f"memory_{_name}_per_held_byte", f"  ... per byte held ({_name})",
+                      "{:,.2f}", False))
+TAIL_ROWS.append(("memory_used_per_22k_session", "Redis used_memory per 22k session (B)",
+                  "{:,.0f}", False))
 
 
 def table_rows(reader_counts: list[int]) -> list[tuple[str, str, str, bool]]:
@@ -293,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readers", default="1,10,100",
                         help="reader process counts for fan-out (default 1,10,100)")
     parser.add_argument("--replays", type=int, default=10, help="replay runs (median)")
+    parser.add_argument("--memory-sessions", type=int, default=1_000,
+                        help="22 KB sessions whose total Redis memory is measured "
+                             "(default 1,000)")
     parser.add_argument("--quick", action="store_true",
                         help="0.5 s append runs, 500 samples, 5,000 fan-out chunks")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -300,12 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds, args.repeat, args.samples, args.fanout_events = 0.5, 2, 500, 5_000
         args.replays = 5
+        args.memory_sessions = 100
     reader_counts = [int(n) for n in args.readers.split(",") if n.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     import redis
-
-    from shmstream.redis.store import LocalRedisServer
+    from redis_server import LocalRedisServer
 
     CTX.set_forkserver_preload(["shmstream.shm.store", "shmstream.redis.store"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -3,14 +3,19 @@
 
 Measures appends/s of 200-byte events (no reader; one waiting reader in another process),
 producer -> reader wake latency across processes, fan-out to 1/10/100 reader processes
-(chunks delivered per second), and the replay of a full 4 MiB ring. Prints a table with
-the bars to compare against, or one JSON object with ``--json``.
+(chunks delivered per second), and the replay of a full 4 MiB ring (section ``core``);
+the shared memory a session allocates for 1 KB / 22 KB / 300 KB / 6 MB answers and
+appends/s while a fresh ring grows step by step to its cap (``growth``); lookup / get
+p50/p99, one ``list`` and one gc pass with 1,000 and 10,000 retained sessions in one
+namespace (``scale``). Prints a table with the bars to compare against, or one JSON
+object with ``--json``.
 
 Runs in its own namespace, removed at exit (also on Ctrl-C and SIGTERM).
 
     .venv/bin/python scripts/bench_store.py            # full run
     .venv/bin/python scripts/bench_store.py --quick    # a few seconds
     .venv/bin/python scripts/bench_store.py --json
+    .venv/bin/python scripts/bench_store.py --sections growth,scale --scale 1000,10000
 """
 
 from __future__ import annotations
@@ -54,7 +59,10 @@ BARS = {  # metric: (comparison, bar)
     "appends_per_s_one_reader": (">=", 400_000),
     "wake_p50_us": ("<=", 40),
     "wake_p99_us": ("<=", 250),
+    "appends_per_s_growing": (">=", 1_000_000),
 }
+SCALE_BAR_MS = 5.0  # lookup and get p99 with 10,000 retained sessions
+ANSWER_SIZES = (1_000, 22_000, 300_000, 6_000_000)
 
 
 def wait_for_waiters(session, count: int, timeout: float = 60.0) -> None:
@@ -203,6 +211,127 @@ def bench_replay(namespace: str, repeat: int) -> dict:
     }
 
 
+# --- growth ----------------------------------------------------------------------------------
+
+
+def bench_allocation(namespace: str) -> dict:
+    """Pages (``du``: st_blocks of the segment, plus its semaphore) per answer size."""
+    from shmstream.shm import segment
+
+    store = ShmStore(namespace, capacity=4 * MIB)
+    rows = []
+    for size in ANSWER_SIZES:
+        progress(f"allocated bytes for a {size:,} B answer")
+        conversation_id = f"answer-{size}"
+        session = store.create_or_replace(conversation_id)
+        for _ in range(size // len(EVENT)):
+            session.append(EVENT)
+        session.finalize()
+        info = session.info()
+        name = segment.segment_name(namespace, conversation_id)
+        rows.append({
+            "answer_bytes": size,
+            "held_bytes": info.total_bytes - info.dropped_bytes,
+            "allocated_bytes": segment.allocated_bytes(name)
+            + segment.allocated_bytes("sem." + name),
+            "file_size": os.stat(os.path.join(segment.SHM_DIR, name)).st_size,
+        })
+        session.close()
+        store.evict(conversation_id)
+    return {"allocation": rows}
+
+
+def bench_appends_growing(namespace: str, repeat: int) -> dict:
+    """Appends/s of 200 B events into a fresh 4 MiB ring, from empty to its cap (every
+    growth step included), next to appends into the full ring."""
+    store = ShmStore(namespace, capacity=4 * MIB)
+    growing, full = [], []
+    events = 4 * MIB // len(EVENT)
+    for run in range(repeat):
+        progress(f"appends while the ring grows: run {run + 1}/{repeat}")
+        session = store.create_or_replace(f"grow-{run}")
+        growing.append(append_rate(session, events)[0])
+        full.append(append_rate(session, events)[0])
+        session.close()
+        store.evict(f"grow-{run}")
+    return {"appends_per_s_growing": max(growing), "appends_per_s_full_ring": max(full)}
+
+
+# --- scale -----------------------------------------------------------------------------------
+
+
+def _percentiles(prefix: str, seconds: list[float]) -> dict:
+    seconds = sorted(seconds)
+    return {f"{prefix}_p50_ms": seconds[len(seconds) // 2] * 1000,
+            f"{prefix}_p99_ms": seconds[min(len(seconds) - 1, int(len(seconds) * 0.99))] * 1000}
+
+
+def bench_scale(namespace: str, count: int, samples: int) -> dict:
+    """With ``count`` finished 1 KB sessions (ids ``chat-<n>``, every tenth with a
+    ``::model`` sibling) retained: lookup of one id, get+close, one list, one gc pass."""
+    import random
+
+    store = ShmStore(f"{namespace}s{count}", capacity=4 * MIB)
+    ids = []
+    try:
+        for index in range(count):
+            if index % 1000 == 0:
+                progress(f"scale {count:,}: creating sessions {index:,}")
+            conversation_id = f"chat-{index}" + ("::model" if index % 10 == 1 else "")
+            session = store.create_or_replace(conversation_id)
+            for _ in range(5):
+                session.append(EVENT)
+            session.finalize()
+            session.close()
+            ids.append(conversation_id)
+        rng = random.Random(count)
+        lookups, gets = [], []
+        progress(f"scale {count:,}: lookup and get")
+        for _ in range(samples):
+            wanted = rng.choice(ids).split("::")[0]
+            started = time.perf_counter()
+            found = store.lookup([wanted])
+            lookups.append(time.perf_counter() - started)
+            assert found, wanted
+            started = time.perf_counter()
+            handle = store.get(rng.choice(ids))
+            handle.close()
+            gets.append(time.perf_counter() - started)
+        progress(f"scale {count:,}: list and gc")
+        started = time.perf_counter()
+        listed = len(store.list())
+        list_s = time.perf_counter() - started
+        started = time.perf_counter()
+        report = store.gc()
+        gc_s = time.perf_counter() - started
+        assert listed == count and report.kept == count, (listed, report)
+        started = time.perf_counter()
+        store.abort_producers()  # what the supervisor runs every reap interval
+        reap_s = time.perf_counter() - started
+        progress(f"scale {count:,}: get while another process runs gc passes")
+        collector = CTX.Process(target=_gc_passes, args=(store.namespace, gc_s * 3 + 1))
+        collector.start()
+        during = []
+        while collector.is_alive() and len(during) < samples:
+            started = time.perf_counter()
+            store.get(rng.choice(ids)).close()
+            during.append(time.perf_counter() - started)
+        collector.join(60)
+    finally:
+        store.purge()
+    return {"sessions": count, **_percentiles("lookup", lookups), **_percentiles("get", gets),
+            **_percentiles("get_during_gc", during or [0.0]),
+            "list_ms": list_s * 1000, "gc_pass_ms": gc_s * 1000,
+            "reap_pass_ms": reap_s * 1000}
+
+
+def _gc_passes(namespace: str, seconds: float) -> None:
+    store = ShmStore(namespace, capacity=4 * MIB)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        store.gc()
+
+
 # --- reporting ------------------------------------------------------------------------------
 
 
@@ -236,7 +365,24 @@ def print_table(report: dict) -> None:
         ("replay 4 MiB ring, fresh handle (MB/s)", "replay_fresh_mb_per_s", "{:,.0f}"),
         ("replay 4 MiB ring, warm handle (ms)", "replay_warm_ms", "{:.2f}"),
         ("replay 4 MiB ring, warm handle (MB/s)", "replay_warm_mb_per_s", "{:,.0f}"),
+        ("appends/s, 200 B, fresh ring growing to 4 MiB", "appends_per_s_growing", "{:,.0f}"),
+        ("appends/s, 200 B, full 4 MiB ring", "appends_per_s_full_ring", "{:,.0f}"),
     ]
+    for row in results.get("allocation", []):
+        key = f"allocated_{row['answer_bytes']}"
+        results[key] = row["allocated_bytes"]
+        rows.append((f"allocated B, {row['answer_bytes']:,} B answer "
+                     f"(holds {row['held_bytes']:,})", key, "{:,.0f}"))
+    for scale in results.get("scale", []):
+        n = scale["sessions"]
+        for metric in ("lookup_p50_ms", "lookup_p99_ms", "get_p50_ms", "get_p99_ms",
+                       "get_during_gc_p50_ms", "get_during_gc_p99_ms", "list_ms",
+                       "gc_pass_ms", "reap_pass_ms"):
+            key = f"scale_{n}_{metric}"
+            results[key] = scale[metric]
+            rows.append((f"{n:,} sessions: {metric.replace('_', ' ')}", key, "{:.2f}"))
+            if n >= 10_000 and metric in ("lookup_p99_ms", "get_p99_ms"):
+                BARS[key] = ("<=", SCALE_BAR_MS)
     print(f"{'measurement':<48} {'value':>14}  {'bar':>12}  ok")
     print("-" * 82)
     for label, key, fmt in rows:
@@ -268,11 +414,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="reader process counts for fan-out (default 1,10,100)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller runs: 200k events, 1k samples, 20k fan-out chunks")
+    parser.add_argument("--sections", default="core,growth,scale",
+                        help="what to run, comma-separated: core, growth, scale "
+                             "(default all)")
+    parser.add_argument("--scale", default="1000,10000",
+                        help="retained session counts for the scale section "
+                             "(default 1000,10000)")
+    parser.add_argument("--scale-samples", type=int, default=2_000,
+                        help="lookups and gets timed at each scale (default 2,000)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.repeat, args.samples, args.fanout_events = 200_000, 2, 1_000, 20_000
     reader_counts = [int(n) for n in args.readers.split(",") if n.strip()]
+    sections = {name.strip() for name in args.sections.split(",") if name.strip()}
+    scale_counts = [int(n) for n in args.scale.split(",") if n.strip()]
 
     from shmstream.shm import sync
 
@@ -281,20 +437,29 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict = {}
     try:
-        results.update(bench_appends_no_reader(namespace, args.events, args.repeat))
-        del results["runs"]
-        one = bench_appends_one_reader(namespace, args.events, args.repeat, children)
-        one.pop("runs")
-        results.update(one)
-        results.update(bench_wake_latency(namespace, args.samples, children))
-        results["fanout"] = [bench_fanout(namespace, n, args.fanout_events, children)
-                             for n in reader_counts]
-        results.update(bench_replay(namespace, repeat=20))
+        if "core" in sections:
+            results.update(bench_appends_no_reader(namespace, args.events, args.repeat))
+            del results["runs"]
+            one = bench_appends_one_reader(namespace, args.events, args.repeat, children)
+            one.pop("runs")
+            results.update(one)
+            results.update(bench_wake_latency(namespace, args.samples, children))
+            results["fanout"] = [bench_fanout(namespace, n, args.fanout_events, children)
+                                 for n in reader_counts]
+            results.update(bench_replay(namespace, repeat=20))
+        if "growth" in sections:
+            results.update(bench_allocation(namespace))
+            results.update(bench_appends_growing(namespace, args.repeat))
+        if "scale" in sections:
+            results["scale"] = [bench_scale(namespace, n, args.scale_samples)
+                                for n in scale_counts]
     except KeyboardInterrupt:
         return interrupted()
     finally:
         children.reap()
         ShmStore(namespace).purge()
+        for n in scale_counts:
+            ShmStore(f"{namespace}s{n}").purge()
     progress("")
     report = {
         "namespace": namespace,

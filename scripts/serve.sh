@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Start shmstream on a fresh clone: make the venv, then `shmstream serve` with any flags.
-# With no SHMSTREAM_UPSTREAM / --upstream it serves the built-in demo model.
+# Start shmstream on a fresh clone: make .venv with what serving needs (not the test tools),
+# then `shmstream serve` with any flags. With no SHMSTREAM_UPSTREAM / --upstream it serves
+# the built-in demo model. The tools are then `.venv/bin/shmstream ls` and so on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/_venv.sh
+SHMSTREAM_EXTRAS="" . scripts/_venv.sh
 exec "$VENV/bin/shmstream" serve "$@"

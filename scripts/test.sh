@@ -32,5 +32,5 @@ if [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
-. scripts/_venv.sh
+SHMSTREAM_EXTRAS="[test]" . scripts/_venv.sh
 exec "$VENV/bin/python" -m pytest "$@"

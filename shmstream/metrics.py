@@ -294,11 +294,13 @@ class StoreCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         counts = dict.fromkeys(STATES, 0)
-        held = reserved = 0
+        held = reserved = allocated = capped = 0
         for info in self.store.list():
             counts[info.state.label] = counts.get(info.state.label, 0) + 1
             held += info.total_bytes - info.dropped_bytes
             reserved += info.capacity
+            allocated += info.allocated_bytes
+            capped += info.ring_capped
         sessions = GaugeMetricFamily("shmstream_sessions", "Sessions in the store, by state.",
                                      labels=["state"])
         for state, count in counts.items():
@@ -308,8 +310,22 @@ class StoreCollector:
                                 "Stream bytes held by all sessions (total - dropped).",
                                 value=held)
         yield GaugeMetricFamily("shmstream_session_capacity_bytes",
-                                "Ring capacity of all sessions (what they reserve).",
+                                "Ring capacity of all sessions (what they may grow to).",
                                 value=reserved)
+        yield GaugeMetricFamily("shmstream_session_allocated_bytes",
+                                "Storage the sessions occupy now (shm: pages of their "
+                                "segments, du-style), next to the bytes they hold.",
+                                value=allocated)
+        yield GaugeMetricFamily("shmstream_sessions_ring_capped",
+                                "Sessions whose ring stopped growing because /dev/shm (or "
+                                "the shared-memory quota) was full; they stream on, "
+                                "dropping their oldest bytes.", value=capped)
+        total = self.store.allocated_bytes()
+        if total is not None:
+            yield GaugeMetricFamily("shmstream_store_allocated_bytes",
+                                    "Storage the whole store occupies (shm: every segment "
+                                    "and semaphore of the namespace, replaced ones that "
+                                    "readers still map included).", value=total)
         try:
             stats = os.statvfs(self.shm_dir)
         except OSError:

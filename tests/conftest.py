@@ -59,7 +59,7 @@ def redis_url():
     """A private ``redis-server`` on a free loopback port for the whole test session
     (persistence off). Skips when ``redis-server`` is not installed (scripts/test.sh
     installs it)."""
-    from shmstream.redis.store import LocalRedisServer
+    from redis_server import LocalRedisServer
 
     if not LocalRedisServer.available():
         message = "redis-server is not installed (scripts/test.sh installs it)"

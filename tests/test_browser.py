@@ -27,6 +27,8 @@ from polling import wait_for as _wait_for
 from service import Service
 from sse_upstream import UpstreamProcess
 
+from shmstream.shm.store import ShmStore
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
@@ -148,18 +150,20 @@ def send(page, text: str = "hello") -> None:
 
 
 def answer_of(page) -> str:
-    return page.locator(ANSWER).text_content() or ""
+    """The last answer's visible text (rendered as markdown: a paragraph's edges trimmed)."""
+    return (page.locator(ANSWER).text_content() or "").strip()
 
 
 def state_of(page) -> str:
-    return page.locator("#state").text_content() or ""
+    """The state the status line shows (its ``data-state``; the label is for people)."""
+    return page.locator("#status").get_attribute("data-state") or ""
 
 
 def wait_answer(page, text: str, timeout: int = WAIT_MS) -> None:
-    """Until the last answer is exactly ``text`` (whitespace included)."""
+    """Until the last answer shows exactly ``text`` (trimmed, as a paragraph is)."""
     page.wait_for_function(
-        "([selector, text]) => document.querySelector(selector)?.textContent === text",
-        arg=[ANSWER, text], timeout=timeout)
+        "([selector, text]) => document.querySelector(selector)?.textContent.trim() === text",
+        arg=[ANSWER, text.strip()], timeout=timeout)
 
 
 def wait_answer_contains(page, text: str, timeout: int = WAIT_MS) -> None:
@@ -169,7 +173,7 @@ def wait_answer_contains(page, text: str, timeout: int = WAIT_MS) -> None:
 
 
 def wait_state(page, state: str, timeout: int = WAIT_MS) -> None:
-    page.wait_for_function("state => document.getElementById('state').textContent === state",
+    page.wait_for_function("state => document.getElementById('status').dataset.state === state",
                            arg=state, timeout=timeout)
 
 
@@ -245,7 +249,7 @@ def test_stop_cancels_the_generation_and_closes_the_upstream(start_service, brow
     assert closed_at is not None
     assert requests_of(service, "DELETE", "/v1/stream/")
     shown = answer_of(page)
-    assert shown.startswith(full_text(4)) and shown != full_text(400)
+    assert shown.startswith(full_text(4).strip()) and shown != full_text(400).strip()
     time.sleep(1.0)  # nothing more arrives, and the page does not re-attach
     assert answer_of(page) == shown and state_of(page) == "cancelled"
     assert page.locator("#stop").is_hidden()
@@ -361,7 +365,7 @@ def test_offset_lost_is_shown(start_service, browsing, upstream):
     page.goto("about:blank")  # the tab leaves; the answer goes on without it
     wait_for(lambda: upstream_record(upstream, tag)["events_sent"] >= 30, timeout=10)
     page.goto(session.url)
-    wait_state(page, "offset lost")
+    wait_state(page, "lost")
     assert "no longer holds" in page.locator("#status-detail").text_content()
     lost = [status for _, _, status in requests_of(service, "GET", "/v1/stream/")]
     assert 400 in lost
@@ -384,7 +388,7 @@ def test_the_page_asks_for_the_api_key_and_then_works(start_service, browsing):
                        api_key=None)
     page = session.open()  # the page itself needs no key
     send(page)
-    wait_state(page, "API key needed")
+    wait_state(page, "key")
     assert page.locator("#key-box").get_attribute("open") is not None
     assert page.input_value("#message") == "hello", "the message was not lost"
     page.fill("#api-key", API_KEY)
@@ -394,15 +398,188 @@ def test_the_page_asks_for_the_api_key_and_then_works(start_service, browsing):
     assert page.evaluate("localStorage.getItem('shmstream.apiKey')") == API_KEY
 
 
-def test_new_chat_starts_over_with_a_new_conversation_id(start_service, browsing):
+def test_new_chat_keeps_the_old_one_in_the_list_and_switches_back(start_service, browsing):
     service = start_service()
     session = browsing(service, {"tag": new_tag("new"), "events": 3, "interval": 0.01})
     page = session.open()
-    send(page)
+    send(page, "first chat")
     wait_state(page, "done")
     old = chat_id(page)
     page.click("#new-chat")
     assert chat_id(page) != old
     assert page.locator(".turn").count() == 0
+    send(page, "second chat")
+    wait_state(page, "done")
+    new = chat_id(page)
     page.reload()
-    assert page.locator(".turn").count() == 0 and chat_id(page) != old
+    assert chat_id(page) == new and page.locator(".turn .user").last.text_content() == "second chat"
+    page.click("#chats > summary")
+    items = page.locator("#chat-list .chat-open")
+    assert items.all_text_contents() == ["second chat", "first chat"]  # newest first
+    items.nth(1).click()
+    wait_answer(page, full_text(3))
+    assert chat_id(page) == old
+    assert page.locator(".turn .user").last.text_content() == "first chat"
+    assert page.locator("#chat-list .chat-open[aria-current=true]").text_content() == "first chat"
+    # Deleting a chat removes it from this browser only.
+    page.click("#chats > summary")
+    page.locator("#chat-list li", has_text="second chat").locator(".chat-delete").click()
+    assert page.locator("#chat-list .chat-open").all_text_contents() == ["first chat"]
+
+
+MALICIOUS_ANSWER = "\n".join([
+    "## Heading", "", "Some **bold** and `inline code`.", "",
+    "```python", "print('<b>not bold</b>')", "```", "",
+    "| a | b |", "|---|---|", "| 1 | 2 |", "",
+    '<img src="x" onerror="window.__pwned = 1">',
+    "<script>window.__pwned = 2</script>",
+    "[click me](javascript:window.__pwned=3)",
+    '<a href="javascript:window.__pwned=4">and me</a>',
+    '<iframe src="javascript:window.__pwned=5"></iframe>',
+    '<div onclick="window.__pwned=6" style="position:fixed;inset:0">overlay</div>',
+])
+
+
+def _sse_answer(text: str, words_per_event: int = 3) -> str:
+    pieces = text.split(" ")
+    events = []
+    for start in range(0, len(pieces), words_per_event):
+        content = " ".join(pieces[start:start + words_per_event])
+        if start + words_per_event < len(pieces):
+            content += " "
+        events.append("data: " + json.dumps({"choices": [{"delta": {"content": content}}]}))
+    return "\n\n".join([*events, "data: [DONE]"]) + "\n\n"
+
+
+def _check_rendered_safely(page) -> None:
+    answer = page.locator(ANSWER)
+    assert answer.locator("h2").text_content() == "Heading"
+    assert answer.locator("strong").text_content() == "bold"
+    assert answer.locator("table td").all_text_contents() == ["1", "2"]
+    code = answer.locator("pre code")
+    assert code.text_content().strip() == "print('<b>not bold</b>')"  # text, not markup
+    family = code.evaluate("element => getComputedStyle(element).fontFamily")
+    assert "mono" in family.lower(), family
+    assert answer.locator("code").first.evaluate(
+        "element => getComputedStyle(element).fontFamily") == family
+    html = answer.inner_html()
+    for forbidden in ("onerror", "<script", 'href="javascript:', 'src="javascript:', "<iframe",
+                      "onclick", "style="):
+        assert forbidden not in html.lower(), (forbidden, html)
+    for link in answer.locator("a").all():
+        link.click()  # whatever is left of the links runs nothing
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_answers_render_as_markdown_without_html_injection(start_service, browsing):
+    service = start_service()
+    session = browsing(service, {"tag": new_tag("md"), "events": 1})
+    page = session.open()
+    # This page's completion answers with a hostile model's markdown (the page's own
+    # rendering is under test; the service relays bytes unchanged).
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"},
+        body=_sse_answer(MALICIOUS_ANSWER)))
+    send(page, "show me markdown")
+    wait_state(page, "done")
+    _check_rendered_safely(page)
+    page.reload()  # rendered again from what the page saved
+    page.wait_for_selector(ANSWER + " h2")
+    _check_rendered_safely(page)
+
+
+def test_the_model_comes_from_the_upstream_list_and_is_sent(start_service, browsing):
+    service = start_service()
+    session = browsing(service, {"tag": new_tag("model"), "events": 2, "interval": 0.01})
+    sent: list[dict] = []
+    session.context.on("request", lambda request: sent.append(json.loads(request.post_data))
+                       if request.url.endswith("/v1/chat/completions") else None)
+    session.context.route("**/v1/models", lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=json.dumps({"object": "list", "data": [{"id": "alpha"}, {"id": "beta"}]})))
+    page = session.open()
+    page.wait_for_selector("#model-box:not([hidden])")
+    assert page.locator("#model option").all_text_contents() == ["alpha", "beta"]
+    page.select_option("#model", "beta")
+    send(page)
+    wait_state(page, "done")
+    assert sent and sent[-1]["model"] == "beta"
+    page.reload()  # the choice is kept
+    page.wait_for_selector("#model-box:not([hidden])")
+    assert page.input_value("#model") == "beta"
+
+
+def test_the_real_upstream_model_list_is_offered(start_service, browser, tmp_path, namespace):
+    # The built-in demo model lists itself at /v1/models, as a real server does.
+    service = Service(namespace + "d", None, str(tmp_path), workers=1).start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(service.url + "/shmstream/")
+        page.wait_for_selector("#model-box:not([hidden])")
+        assert page.locator("#model option").all_text_contents() == ["shmstream-demo"]
+        context.close()
+    finally:
+        service.stop()
+        ShmStore(namespace + "d").purge()
+
+
+def test_the_page_fits_a_390_px_phone(start_service, browsing):
+    service = start_service()
+    session = browsing(service, {"tag": new_tag("phone"), "events": 30, "interval": 0.01})
+    page = session.open()
+    page.set_viewport_size({"width": 390, "height": 800})
+    send(page, "a long message " * 20)
+    wait_state(page, "done")
+    page.click("#new-chat")
+    send(page, "second")
+    wait_state(page, "done")
+    page.click("#chats > summary")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    for selector in ("#new-chat", "#chats > summary", "#send", "#message", "#chat-list"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
+
+
+def test_the_status_line_speaks_to_people_not_internals(start_service, browsing):
+    service = start_service()
+    events, tag = 30, new_tag("status")
+    session = browsing(service, {"tag": tag, "events": events, "interval": 0.08})
+    session.context.add_init_script("""
+        window.__statusTexts = [];
+        new MutationObserver(() => {
+          const status = document.getElementById('status');
+          if (status) window.__statusTexts.push(status.textContent);
+        }).observe(document, {subtree: true, childList: true, characterData: true});
+    """)
+    page = session.open()
+    send(page)
+    wait_answer_contains(page, " tok4 ")
+    page.reload()  # a resume: the case that used to say "resumed from byte 4,891"
+    wait_answer(page, full_text(events))
+    wait_state(page, "done")
+    texts = page.evaluate("window.__statusTexts")
+    assert texts and any("reconnected" in text or "answering" in text for text in texts), texts
+    for text in texts:
+        assert "byte" not in text and "offset" not in text, text
+
+
+def test_an_answer_keeps_running_while_another_chat_is_open(start_service, browsing, upstream):
+    service = start_service()
+    events, tag = 40, new_tag("switch")
+    session = browsing(service, {"tag": tag, "events": events, "interval": 0.08})
+    page = session.open()
+    send(page, "long answer")
+    wait_answer_contains(page, " tok3 ")
+    first = chat_id(page)
+    page.click("#new-chat")  # the answer goes on on the server, unread by this tab
+    assert page.locator(".turn").count() == 0
+    wait_for(lambda: upstream_record(upstream, tag)["events_sent"] >= 20, timeout=15)
+    page.click("#chats > summary")
+    page.locator("#chat-list .chat-open", has_text="long answer").click()
+    assert chat_id(page) == first
+    wait_answer(page, full_text(events))
+    wait_state(page, "done")
+    assert len(requests_of(service, "POST", "/v1/chat/completions")) == 1  # not asked again
+    record = upstream_record(upstream, tag)
+    assert record["finished"] and record["closed_at"] is None  # never cancelled

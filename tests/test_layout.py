@@ -12,18 +12,20 @@ from shmstream.shm import layout
 from shmstream.shm.layout import CorruptSegment, Header, State
 
 FIELD_SIZES = {
-    "MAGIC": 4, "VERSION": 4, "STATE": 4, "FLAGS": 4, "TOTAL": 8, "DROPPED": 8,
+    "MAGIC": 4, "VERSION": 4, "STATE": 4, "FLAGS": 4, "TOTAL": 8, "ALLOCATED": 8,
     "CAPACITY": 8, "STARTED_AT": 8, "COMPLETED_AT": 8, "PRODUCER_PID": 8,
     "PRODUCER_START": 8, "LOCK_OWNER": 8, "FUTEX": 4, "WAITERS": 4, "META_LENGTH": 4,
     "RING_OFFSET": 4,
 }
 
 
-def make_header(capacity: int = 256, metadata: dict | None = None, slack: int = 0):
+def make_header(capacity: int = 256, metadata: dict | None = None, slack: int = 0,
+                allocated: int | None = None):
     record = layout.encode_metadata(metadata if metadata is not None else {"id": "abc"})
     buffer = bytearray(layout.segment_size(len(record), capacity) + slack)
     header = Header(buffer)
-    header.initialise(capacity=capacity, metadata_record=record, started_at_us=1_000_000,
+    header.initialise(capacity=capacity, allocated=allocated or capacity,
+                      metadata_record=record, started_at_us=1_000_000,
                       producer_pid=4242, producer_start=77)
     return buffer, header
 
@@ -115,8 +117,8 @@ def test_magic_is_written_last_and_once():
     stores: list = []
     header.q = RecordingView(header.q, "q", stores)
     header.i = RecordingView(header.i, "i", stores)
-    header.initialise(capacity=64, metadata_record=record, started_at_us=1, producer_pid=2,
-                      producer_start=3)
+    header.initialise(capacity=64, allocated=64, metadata_record=record, started_at_us=1,
+                      producer_pid=2, producer_start=3)
     assert stores[-1] == ("q", layout.MAGIC_VERSION_Q)
     assert stores.count(("q", layout.MAGIC_VERSION_Q)) == 1
     header.release()
@@ -135,7 +137,7 @@ def test_initialise_refuses_a_mapping_that_is_too_small():
     buffer = bytearray(layout.segment_size(len(record), 64) - 1)
     header = Header(buffer)
     with pytest.raises(ValueError):
-        header.initialise(capacity=64, metadata_record=record, started_at_us=1,
+        header.initialise(capacity=64, allocated=64, metadata_record=record, started_at_us=1,
                           producer_pid=2, producer_start=3)
     header.release()
     assert_corrupt(buffer, "bad magic")  # nothing was marked ready
@@ -173,14 +175,14 @@ def lying(field: str, value):
     (lying("RING_OFFSET_I", 2**31), "past the end"),
     (lying("RING_OFFSET_I", 0), "overlaps"),
     (lying("META_LENGTH_I", layout.MAX_META_BYTES + 1), "overlaps"),
-    (lying("DROPPED_Q", 5), "total/dropped"),  # dropped > total (total is 0)
-    (lying("TOTAL_Q", 10**6), "total/dropped"),  # more held than the ring can hold
+    (lying("ALLOCATED_Q", 10**6), "allocated ring extends past the end"),
     (lying("STATE_I", 99), "unknown state"),
     (lying("MAGIC_VERSION_Q", layout.MAGIC | ((layout.VERSION + 1) << 32)), "version"),
+    (lying("MAGIC_VERSION_Q", layout.MAGIC | (1 << 32)), "layout version 1, expected 2"),
     (lying("MAGIC_VERSION_Q", layout.MAGIC_VERSION ^ 1), "bad magic"),
 ], ids=["ring-past-end", "zero-capacity", "ring-offset-past-end", "ring-over-header",
-        "huge-metadata", "dropped-gt-total", "held-gt-capacity", "unknown-state",
-        "bad-version", "bad-magic"])
+        "huge-metadata", "allocated-past-end", "unknown-state", "newer-version",
+        "version-1", "bad-magic"])
 def test_validate_rejects_lying_headers(mutate, match):
     buffer, header = make_header(capacity=256)
     mutate(header)
@@ -191,10 +193,10 @@ def test_validate_rejects_lying_headers(mutate, match):
 def test_validate_accepts_a_wrapped_ring_and_rejects_a_short_mapping():
     buffer, header = make_header(capacity=256)
     header.q[layout.TOTAL_Q] = 10_000
-    header.q[layout.DROPPED_Q] = 10_000 - 256
     header.release()
     again = reopen(buffer)
     again.validate()
+    assert (again.total, again.dropped) == (10_000, 10_000 - 256)  # derived, never stored
     again.release()
     with pytest.raises(CorruptSegment, match="smaller than the header"):
         Header(bytearray(layout.HEADER_SIZE - 8)).validate()
@@ -234,7 +236,7 @@ def test_metadata_limit_and_garbage():
     for record in (b"\xc1" * 8, msgpack.packb([1, 2, 3])):
         buffer = bytearray(layout.segment_size(len(record), 64))
         header = Header(buffer)
-        header.initialise(capacity=64, metadata_record=record, started_at_us=1,
+        header.initialise(capacity=64, allocated=64, metadata_record=record, started_at_us=1,
                           producer_pid=1, producer_start=1)
         with pytest.raises(CorruptSegment):
             header.metadata()
@@ -245,9 +247,52 @@ def test_release_lets_a_real_mapping_close():
     record = layout.encode_metadata({"id": "x"})
     mapping = mmap.mmap(-1, layout.segment_size(len(record), 4096))
     header = Header(mapping)
-    header.initialise(capacity=4096, metadata_record=record, started_at_us=1, producer_pid=1,
+    header.initialise(capacity=4096, allocated=4096, metadata_record=record,
+                      started_at_us=1, producer_pid=1,
                       producer_start=1)
     with pytest.raises(BufferError):
         mapping.close()  # the views pin the mapping until released
     header.release()
     mapping.close()
+
+
+# --- growth ---------------------------------------------------------------------------------
+
+
+def test_growth_goes_in_whole_steps_and_stops_at_the_capacity():
+    step, cap = layout.GROWTH_STEP, 4 * 1024 * 1024
+    assert layout.initial_allocation(cap) == step
+    assert layout.initial_allocation(1000) == 1000  # a small ring is whole from the start
+    assert layout.grown_allocation(step, step, cap) == step  # fits: no growth
+    assert layout.grown_allocation(step, step + 1, cap) == 2 * step
+    assert layout.grown_allocation(step, 5 * step - 1, cap) == 5 * step  # one big append
+    assert layout.grown_allocation(cap - 10, cap, cap) == cap
+    assert layout.grown_allocation(step, 10 * cap, cap) == cap
+    for needed in range(1, 3 * step, 997):  # never more than one step beyond what is needed
+        grown = layout.grown_allocation(step, needed, cap)
+        assert needed <= grown < max(needed, step) + step
+
+
+def test_a_header_records_allocated_and_derives_dropped_from_total_and_capacity():
+    _buffer, header = make_header(capacity=256, allocated=64)
+    assert (header.allocated, header.capacity, header.dropped) == (64, 256, 0)
+    header.q[layout.TOTAL_Q] = 300
+    assert header.dropped == 300 - 256
+    header.q[layout.CAPACITY_Q] = 64  # a ring capped at what it had
+    assert header.dropped == 300 - 64
+    header.release()
+    with pytest.raises(ValueError):
+        make_header(capacity=256, allocated=257)
+
+
+def test_validate_never_compares_two_fields_read_apart():
+    # Any total is consistent with any capacity now that dropped is derived: the torn pair
+    # of layout 1 (total stored before dropped) cannot exist.
+    for total in (0, 255, 256, 257, 10**12):
+        buffer, header = make_header(capacity=256, allocated=128)
+        header.q[layout.TOTAL_Q] = total
+        header.release()
+        again = reopen(buffer)
+        again.validate()
+        assert again.dropped == max(0, total - 256)
+        again.release()

@@ -320,8 +320,8 @@ def test_an_idle_reader_does_not_poll_redis(redis_stores):
     producer = store.create_or_replace("idle")
     reader_handle = store.get("idle")
     fetches = []
-    transaction = store._hot.transaction
-    store._hot.transaction = lambda commands: fetches.append(1) or transaction(commands)
+    pipeline = store._hot.pipeline
+    store._hot.pipeline = lambda commands: fetches.append(1) or pipeline(commands)
     reader = Reader(reader_handle)
     reader.start()
     time.sleep(2.0)  # ten 200 ms wake-ups
@@ -340,8 +340,8 @@ def test_published_bytes_serve_caught_up_readers_with_the_same_semantics(redis_s
     producer = store.create_or_replace("cached")
     reader = store.get("cached")
     fetches = []
-    transaction = store._hot.transaction
-    store._hot.transaction = lambda commands: fetches.append(1) or transaction(commands)
+    pipeline = store._hot.pipeline
+    store._hot.pipeline = lambda commands: fetches.append(1) or pipeline(commands)
     producer.append(b"a" * 100)
     assert reader._poll(0, None) == (b"a" * 100, False)
     assert reader._poll(100, None) == (b"", False)  # waits: subscribes
@@ -494,3 +494,367 @@ def test_a_store_pickles_and_forks(redis_stores):
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert b"".join(store.get("in-child").read(0)) == b"child"
+
+
+# --- what the backend assumes of redis-py -------------------------------------------------
+
+
+def test_redis_py_internals_we_rely_on(redis_stores):
+    """Everything shmstream/redis/_redis_internals.py assumes, checked on the installed
+    redis-py: if an upgrade breaks one, this names it (and the hot path would break)."""
+    import inspect
+
+    import redis
+
+    from shmstream.redis import _redis_internals
+
+    store = redis_stores()
+    pool = store._redis.connection_pool
+    assert isinstance(pool.connection_class, type) and isinstance(pool.connection_kwargs, dict)
+    assert isinstance(inspect.getattr_static(redis.Connection, "is_connected"), property), \
+        "redis.Connection.is_connected is no longer a property"
+    for method, keyword in (("send_command", None), ("send_packed_command", "check_health"),
+                            ("read_response", "disconnect_on_error"), ("can_read", "timeout"),
+                            ("pack_commands", None), ("connect", None), ("disconnect", None)):
+        assert callable(getattr(redis.Connection, method, None)), f"Connection.{method} gone"
+        if keyword is not None:
+            assert keyword in inspect.signature(getattr(redis.Connection, method)).parameters, \
+                f"Connection.{method} lost its {keyword!r} parameter"
+
+    conn = _redis_internals.bare_connection(pool, socket_read_size=1 << 20)
+    assert not _redis_internals.is_connected(conn)
+    conn.connect()
+    assert _redis_internals.is_connected(conn)
+    conn.send_command("PING", check_health=False)
+    assert conn.read_response() in (b"PONG", "PONG")
+    conn.disconnect()
+    assert not _redis_internals.is_connected(conn)
+
+    # The pub/sub connection speaks RESP2 whatever the client does: messages are lists.
+    resp3 = redis.Redis.from_url(redis_stores.url, protocol=3)
+    listener = _redis_internals.pubsub_connection(resp3.connection_pool)
+    listener.connect()
+    try:
+        listener.send_command("SUBSCRIBE", b"shmstream-probe", check_health=False)
+        assert listener.read_response(disconnect_on_error=False)[0] == b"subscribe"
+        assert store._redis.publish(b"shmstream-probe", b"hi") == 1
+        assert listener.can_read(timeout=5.0)
+        assert listener.read_response(disconnect_on_error=False) == \
+            [b"message", b"shmstream-probe", b"hi"]
+    finally:
+        listener.disconnect()
+        resp3.close()
+
+
+# --- asyncio readers ----------------------------------------------------------------------
+
+
+def test_many_asyncio_readers_share_one_subscription_and_no_threads(redis_stores):
+    """300 coroutines on one loop and 50 on another, reading one session: one pub/sub
+    subscription for the process, no thread per waiting reader, every byte to each."""
+    import asyncio
+
+    store = redis_stores(capacity=1 << 20)
+    producer = store.create_or_replace("fan-in")
+    producer.append(b"first\n")
+    readers = [store.get("fan-in") for _ in range(300)]
+    others = [store.get("fan-in") for _ in range(50)]
+    expected = b"first\n" + b"".join(b"event %d\n" % index for index in range(500))
+    baseline_threads = threading.active_count()
+
+    async def read(session):
+        return b"".join([chunk async for chunk in session.aread(0, wake_interval=30.0)])
+
+    async def read_all(sessions):
+        return await asyncio.wait_for(asyncio.gather(*map(read, sessions)), 60)
+
+    def waiting() -> int:
+        watch = readers[0]._notify
+        return 0 if watch is None else sum(map(len, watch._async_waiters.values()))
+
+    other_results = []
+    other_loop = threading.Thread(
+        target=lambda: other_results.extend(asyncio.run(read_all(others))))
+
+    def produce():
+        for index in range(500):
+            producer.append(b"event %d\n" % index)
+        producer.finalize()
+
+    async def main():
+        tasks = asyncio.ensure_future(read_all(readers))
+        other_loop.start()
+        # Every reader has its bytes and waits for more on a future, not in a thread.
+        assert await _eventually(lambda: waiting() == len(readers) + len(others),
+                                 timeout=30), waiting()
+        assert len(readers[0]._notify._async_waiters) == 2  # one entry per event loop
+        threads_while_waiting = threading.active_count()
+        channel = readers[0]._notify_channel
+        subscriptions = store._redis.pubsub_numsub(channel)[0][1]
+        producer_thread = threading.Thread(target=produce)
+        producer_thread.start()
+        results = await tasks
+        producer_thread.join(10)
+        return threads_while_waiting, subscriptions, results
+
+    threads_while_waiting, subscriptions, results = asyncio.run(main())
+    other_loop.join(60)
+    assert subscriptions == 1
+    # The loops' default executors may hold a few threads for round trips; never one each.
+    assert threads_while_waiting - baseline_threads <= 80, threads_while_waiting
+    assert results == [expected] * len(readers)
+    assert other_results == [expected] * len(others)
+    assert waiting() == 0
+    for session in (producer, *readers, *others):
+        session.close()
+
+
+def test_a_cancelled_asyncio_reader_leaves_no_waiter_behind(redis_stores):
+    import asyncio
+
+    store = redis_stores()
+    producer = store.create_or_replace("leaving")
+    reader = store.get("leaving")
+
+    async def main():
+        task = asyncio.create_task(_consume(reader))
+        assert await _eventually(lambda: reader._notify is not None
+                                 and reader._notify._async_waiters)
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert reader._notify._async_waiters == {}
+    reader.close()
+    assert producer.append(b"still fine")
+    producer.close()
+
+
+async def _consume(session):
+    async for _chunk in session.aread(0, wake_interval=30.0):
+        pass
+
+
+async def _eventually(predicate, timeout: float = 10.0) -> bool:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+# --- Redis unavailable ----------------------------------------------------------------------
+
+
+def _every_store_call(store, session=None):
+    """One call of each kind a worker or the supervisor makes, by name."""
+    calls = {
+        "create_or_replace": lambda: store.create_or_replace("down"),
+        "get": lambda: store.get("down"),
+        "list": store.list,
+        "lookup": lambda: store.lookup(["down"]),
+        "evict": lambda: store.evict("down"),
+        "evict_and_cancel": lambda: store.evict_and_cancel("down"),
+        "gc": store.gc,
+        "abort_producers": store.abort_producers,
+        "purge": store.purge,
+    }
+    if session is not None:
+        calls.update({
+            "append": lambda: session.append(b"lost"),
+            "info": session.info,
+            "read": lambda: next(iter(session.read(0))),
+            "finalize": session.finalize,
+        })
+    return calls
+
+
+def test_nothing_listening_makes_every_call_raise_store_unavailable(namespace, caplog):
+    from shmstream.store.errors import StoreUnavailable
+
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", namespace=namespace)
+    try:
+        for name, call in _every_store_call(store).items():
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as raised:
+                call()
+            assert time.monotonic() - started < 3.0, f"{name} took too long to fail"
+            assert raised.value.status == 503 and raised.value.error_type == "unavailable_error"
+            assert "127.0.0.1:1" in raised.value.message
+    finally:
+        store.close()
+    down_lines = [r for r in caplog.records
+                  if r.name == "shmstream.redis" and "unavailable" in r.getMessage()]
+    assert len(down_lines) == 1, [r.getMessage() for r in down_lines]  # once, not per call
+
+
+def test_a_redis_that_goes_away_and_comes_back(namespace, caplog):
+    """Killed: every call raises StoreUnavailable, a waiting reader ends with it, one log
+    line says so. Restarted (empty, on the same port): the same store objects work again,
+    appends wake readers through pub/sub again, one log line says it is back."""
+    import logging
+
+    from redis_server import LocalRedisServer
+
+    from shmstream.store.errors import StoreUnavailable
+
+    if not LocalRedisServer.available():
+        pytest.skip("redis-server is not installed")
+    caplog.set_level(logging.INFO, logger="shmstream.redis")
+    server = LocalRedisServer()
+    url = server.start()
+    store = RedisStore.from_url(url, namespace=namespace, lease=60)
+    try:
+        producer = store.create_or_replace("outage")
+        producer.append(b"before ")
+        waiting = Reader(store.get("outage"), offset=len(b"before "))
+        waiting.start()
+        assert wait_until(lambda: waiting.session._notify is not None
+                          and waiting.session._notify.confirmed)
+
+        server.kill()
+        waiting.join(15)
+        assert not waiting.is_alive(), "a waiting reader hung on a dead Redis"
+        assert isinstance(waiting.error, StoreUnavailable)
+        for name, call in _every_store_call(store, producer).items():
+            with pytest.raises(StoreUnavailable):
+                call()
+            assert name  # every call, reads and writes alike
+        logged = [r.getMessage() for r in caplog.records if r.name == "shmstream.redis"]
+        assert sum("is unavailable" in line for line in logged) == 1, logged
+        # The producer's cheap check never raises (the relay's watcher calls it every
+        # 50 ms): nothing proves a cancel, and its next append raises StoreUnavailable.
+        checked_at = time.monotonic()
+        assert [producer.producer_should_stop for _ in range(100)] == [False] * 100
+        assert time.monotonic() - checked_at < 2.0
+
+        server.restart()
+        assert wait_until(lambda: _answers(store), timeout=15)
+        assert store.get("outage") is None  # the restarted Redis is empty: a 404, no 500
+        fresh = store.create_or_replace("after")
+        reader = Reader(store.get("after"))
+        reader.start()
+        assert fresh.append(b"back")
+        assert wait_until(lambda: bytes(reader.data) == b"back", timeout=10)
+        fresh.finalize()
+        reader.join(10)
+        assert not reader.is_alive() and reader.error is None
+        logged = [r.getMessage() for r in caplog.records if r.name == "shmstream.redis"]
+        assert sum("reachable again" in line for line in logged) == 1, logged
+        for session in (producer, fresh, waiting.session, reader.session):
+            session.close()
+        store.purge()
+    finally:
+        store.close()
+        server.stop()
+
+
+def _answers(store) -> bool:
+    from shmstream.store.errors import StoreUnavailable
+
+    try:
+        store.list()
+    except StoreUnavailable:
+        return False
+    return True
+
+
+# --- memory in proportion to the bytes held -------------------------------------------------
+
+
+@pytest.mark.parametrize("answer_bytes", [22_000, 64 * 1024, 200_000])
+def test_redis_memory_follows_the_bytes_held(redis_stores, answer_bytes):
+    """allocated_bytes is the MEMORY USAGE of the session's keys; a session holding B bytes
+    costs at most B + B/4 + 4 KiB (the allocator rounds up by up to a quarter), whether it
+    stopped short of its 64 KiB capacity or filled and wrapped it. Without compaction
+    SETRANGE's greedy growth left up to 2.5x."""
+    capacity = 64 * 1024
+    store = redis_stores(capacity=capacity)
+    session = store.create_or_replace(f"mem-{answer_bytes}")
+    sent = bytearray()
+    while len(sent) < answer_bytes:
+        event = b"data: %d %s\n\n" % (len(sent), b"t" * 180)
+        sent += event
+        session.append(event)
+    session.finalize()
+    held = min(len(sent), capacity)
+    info = session.info()
+    assert info.total_bytes - info.dropped_bytes == held
+    assert held <= info.allocated_bytes <= held + held // 4 + 4096, info.allocated_bytes
+    assert [i.allocated_bytes for i in store.lookup([f"mem-{answer_bytes}"])] == \
+        [info.allocated_bytes]
+    reader = store.get(f"mem-{answer_bytes}")
+    assert b"".join(reader.read(len(sent) - held)) == bytes(sent[-held:])  # intact
+    for handle in (session, reader):
+        handle.close()
+
+
+def test_redis_errors_that_mean_unavailable():
+    import redis
+
+    from shmstream.redis.connections import is_unavailable
+
+    assert is_unavailable(redis.ConnectionError("Connection refused"))
+    assert is_unavailable(redis.TimeoutError("Timeout reading"))
+    assert is_unavailable(redis.exceptions.OutOfMemoryError("command not allowed when ..."))
+    assert is_unavailable(redis.exceptions.ReadOnlyError("You can't write against a replica"))
+    assert is_unavailable(redis.ResponseError("MISCONF Redis is configured to save RDB ..."))
+    assert is_unavailable(redis.ResponseError("MASTERDOWN Link with MASTER is down"))
+    assert not is_unavailable(redis.ResponseError("ERR wrong number of arguments"))
+    assert not is_unavailable(redis.exceptions.NoScriptError("No matching script"))
+
+
+def test_a_full_redis_answers_store_unavailable(namespace):
+    """At maxmemory (noeviction) a new session, a replacement or an append is refused with
+    StoreUnavailable (503, as a full /dev/shm), never a raw redis error, and leaves nothing
+    half-written; finishing and cancelling (which free memory) still work, so readers end."""
+    from redis_server import LocalRedisServer
+
+    from shmstream.store.errors import StoreUnavailable
+
+    if not LocalRedisServer.available():
+        pytest.skip("redis-server is not installed")
+    with LocalRedisServer() as url:
+        store = RedisStore.from_url(url, namespace=namespace, capacity=1 << 20)
+        try:
+            stopped = store.create_or_replace("stopped-when-full")
+            stopped.append(b"kept ")
+            reader = Reader(store.get("stopped-when-full"))
+            reader.start()
+            assert wait_until(lambda: bytes(reader.data) == b"kept ")
+            client = store._redis
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", client.info("memory")["used_memory"] + 2_000_000)
+            written = 0
+            session = None
+            with pytest.raises(StoreUnavailable) as raised:
+                for index in range(100):  # 100 x 1 MiB: far past the limit
+                    session, written = store.create_or_replace(f"full-{index}"), 0
+                    for _ in range(8):
+                        session.append(b"x" * 128 * 1024)
+                        written += 128 * 1024
+            assert "maxmemory" in raised.value.message and raised.value.status == 503
+            if session is not None:  # the refused append left nothing half-written
+                assert session.info().total_bytes == written
+            before = len(store.list())
+            with pytest.raises(StoreUnavailable):
+                store.create_or_replace("stopped-when-full")  # a replacement is refused too
+            assert stopped.info().state is State.RUNNING and len(store.list()) == before
+            with pytest.raises(StoreUnavailable):
+                stopped.append(b"lost")
+            assert store.evict_and_cancel("stopped-when-full") is True  # the user's Stop
+            reader.join(10)
+            assert not reader.is_alive() and reader.error is None
+            assert bytes(reader.data) == b"kept "
+            assert stopped.producer_should_stop
+            if session is not None:
+                assert session.finalize() is True
+            client.config_set("maxmemory", 0)  # room again: the store just works
+            assert store.create_or_replace("after-full").append(b"ok")
+            store.purge()
+        finally:
+            store.close()

@@ -300,3 +300,35 @@ def test_terminal_event_patterns():
     assert _TERMINAL.search(b"event: message_stop\ndata: {}\n\n")
     assert not _TERMINAL.search(b'data: {"text": "data: [DONE]"}\n\n')
     assert not _TERMINAL.search(b"event: message_delta\ndata: {}\n\n")
+
+
+def test_a_burst_of_hand_offs_beyond_asyncios_default_backlog_is_served(store, tmp_path):
+    # asyncio's start_unix_server listens again with a backlog of 100 unless told: the
+    # client shares the relay's loop here, so all 300 connect before the first accept.
+    import socket
+
+    from shmstream.relay.demo import AsyncDemoUpstream
+    from shmstream.relay.server import RelayServer
+
+    path = str(tmp_path / "r.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4096)
+    body = json.dumps({"stream": True, "max_tokens": 2, "messages": []}).encode()
+
+    async def burst():
+        server = RelayServer(store, AsyncDemoUpstream(tokens_per_second=0), PING_INTERVAL)
+        await server.start(listener)
+        client = RelayClient(path)
+
+        async def one(index):
+            ticket = await client.submit(RelayRequest(
+                f"burst-{index}", "POST", "/v1/chat/completions", [], body))
+            return (await ticket.answer()).status
+        try:
+            return await asyncio.gather(*(one(index) for index in range(300)))
+        finally:
+            await server.drain(10)
+            await server.close()
+
+    assert asyncio.run(burst()) == [200] * 300

@@ -154,6 +154,34 @@ def test_write_touches_only_the_positions_it_fills():
     assert total == 12
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_a_growing_ring_touches_only_bytes_below_its_allocation(seed):
+    """The shared-memory ring grows: before the first wrap, offset o sits at index o, so
+    writes stay below ``total`` and a ring grown to a larger allocation never moves a byte;
+    lowering the capacity to an allocation >= total (a full /dev/shm) keeps every read."""
+    rng = random.Random(seed)
+    capacity = rng.randrange(64, 4096)
+    buffer = RecordingBuffer(capacity)
+    total = 0
+    while total < capacity:
+        data = rng.randbytes(rng.randrange(1, capacity // 4 + 2))
+        if total + len(data) > capacity:
+            break
+        total = ring.write(buffer, capacity, total, data)
+        assert all(stop <= total for _, stop in buffer.writes)  # never past the allocation
+    held = ring.read(buffer, capacity, total, 0)
+    lowered = rng.randrange(max(total, 1), capacity + 1)
+    assert ring.read(buffer, lowered, total, 0) == held  # capped: nothing moved
+    reference = Ring(bytearray(capacity), lowered)
+    reference.append(held)
+    extra = rng.randbytes(rng.randrange(1, 3 * lowered))
+    total = ring.write(buffer, lowered, total, extra)
+    reference.append(extra)
+    assert ring.read(buffer, lowered, total, reference.dropped) == \
+        reference.read(reference.dropped)
+    assert all(stop <= lowered for _, stop in buffer.writes)  # the capped ring stays inside
+
+
 # --- next_step ------------------------------------------------------------------------------
 
 

@@ -574,3 +574,60 @@ def test_reopen_reads_the_same_session_after_its_id_was_replaced(store):
     assert b"".join(reader.read(6)) == b"answer"
     reader.close()
     second.close()
+
+
+# --- the stored record -----------------------------------------------------------------------
+
+
+def test_the_stored_id_cannot_be_overridden_by_metadata(store_factory):
+    """Both backends store the session's own id in its record, whatever ``metadata`` says:
+    lookup, list and get report it, and the caller's other metadata is kept."""
+    store = store_factory()
+    session = store.create_or_replace("real::m", {"id": "forged", "model": "m"})
+    session.append(b"x")
+    for info in (session.info(), *store.list(), *store.lookup(["real"])):
+        assert info.conversation_id == "real::m"
+        assert info.metadata["id"] == "real::m"
+        assert info.metadata["model"] == "m"
+    assert store.lookup(["forged"]) == []
+    assert store.get("forged") is None
+    other = store_factory()  # another process's view: read back from the store itself
+    reader = other.get("real::m")
+    assert reader.info().metadata == {"id": "real::m", "model": "m"}
+    for handle in (session, reader):
+        handle.close()
+
+
+# --- asyncio readers ---------------------------------------------------------------------------
+
+
+def test_asyncio_readers_get_every_byte_and_end(store):
+    import asyncio
+
+    producer = store.create_or_replace("async")
+    readers = [store.get("async") for _ in range(20)]
+    expected = b"".join(f"data: {index}\n\n".encode() for index in range(200))
+
+    async def read(session, offset):
+        return b"".join([chunk async for chunk in session.aread(offset)])
+
+    def produce():
+        for index in range(200):
+            producer.append(f"data: {index}\n\n".encode())
+        producer.finalize()
+
+    async def main():
+        tasks = [asyncio.create_task(read(session, 0)) for session in readers]
+        await asyncio.sleep(0)  # every reader starts (and most wait) before any byte
+        thread = threading.Thread(target=produce)
+        thread.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*tasks), JOIN_TIMEOUT)
+        finally:
+            thread.join(JOIN_TIMEOUT)
+
+    assert asyncio.run(main()) == [expected] * len(readers)
+    late = store.get("async")
+    assert asyncio.run(read(late, 11)) == expected[11:]  # after the end: the rest, then ends
+    for session in (producer, late, *readers):
+        session.close()

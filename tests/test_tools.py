@@ -91,10 +91,13 @@ def test_ls_shows_sessions_as_a_table_and_json(store, namespace):
         assert "evil\\x1b[2J\\u202e" in table
         assert "x" * 100 not in table  # long ids are shortened
         lines = table.splitlines()
-        assert lines[0].split() == ["ID", "STATE", "TOTAL", "DROPPED", "AGE", "ENDED", "PID",
-                                    "ALIVE", "WAITING"]
+        assert lines[0].split() == ["ID", "STATE", "HELD", "ALLOCATED", "TOTAL", "AGE",
+                                    "ENDED", "PRODUCER", "WAITING"]
         assert len(lines) == 3
-        assert "running" in lines[2] and "yes" in lines[2] and str(os.getpid()) in lines[2]
+        # A finished session's producer is not "alive": it finished (issue 14).
+        assert "done" in lines[1] and "finished" in lines[1] and "alive" not in lines[1]
+        assert f"{sum(map(len, EVENTS))} B" in lines[1]  # held bytes, beside allocated
+        assert "running" in lines[2] and f"alive (pid {os.getpid()})" in lines[2]
 
         result = shmstream("ls", "--namespace", namespace, "--json")
         assert result.returncode == 0, result.stderr
@@ -104,7 +107,9 @@ def test_ls_shows_sessions_as_a_table_and_json(store, namespace):
         assert entry["state"] == "done"
         assert entry["total_bytes"] == sum(map(len, EVENTS))
         assert entry["dropped_bytes"] == 0
-        assert entry["producer_pid"] == os.getpid() and entry["producer_alive"] is True
+        assert entry["producer_pid"] == os.getpid() and entry["producer_alive"] is None
+        assert entry["held_bytes"] == sum(map(len, EVENTS))
+        assert entries[hostile]["producer_alive"] is True
         assert entry["waiting_readers"] == 0
         assert entry["metadata"]["model"] == "llama/3-8b"
         assert entries[hostile]["state"] == "running"
@@ -131,7 +136,7 @@ def test_ls_of_an_empty_namespace(namespace):
 def test_invalid_namespace_is_a_usage_error():
     result = shmstream("ls", "--namespace", "../etc")
     assert result.returncode == tools.EXIT_USAGE
-    assert b"namespace must match" in result.stderr
+    assert b"SHMSTREAM_NAMESPACE" not in result.stderr and b"--namespace='../etc'" in result.stderr
 
 
 # --- dump ---------------------------------------------------------------------------------
@@ -390,18 +395,33 @@ class _Tail:
         self.process.stderr.close()
 
 
-def test_tail_follows_live_bytes_and_ends_with_the_session(store, namespace):
+def test_tail_follows_from_the_end_like_tail_f(store, namespace):
     session = _make(store, "live::m", [b"data: first\n\n"], state=None)
     follower = _Tail("live::m", "--namespace", namespace)
     try:
-        _wait_for(lambda: bytes(follower.output) == b"data: first\n\n", what="held bytes")
+        _wait_for(lambda: session.info().waiters == 1, what="the tail to wait at the end")
         session.append(b"data: second\n\n")
         _wait_for(lambda: follower.output.endswith(b"second\n\n"), what="a live byte")
         session.append(b"data: [DONE]\n\n")
         session.finalize()
         code, stderr = follower.wait()
         assert code == 0, stderr
-        assert bytes(follower.output) == b"data: first\n\ndata: second\n\ndata: [DONE]\n\n"
+        assert bytes(follower.output) == b"data: second\n\ndata: [DONE]\n\n"  # no "first"
+    finally:
+        follower.kill()
+        session.close()
+
+
+def test_tail_from_0_replays_then_follows(store, namespace):
+    session = _make(store, "live::m", [b"data: first\n\n"], state=None)
+    follower = _Tail("live::m", "--namespace", namespace, "--from", "0")
+    try:
+        _wait_for(lambda: bytes(follower.output) == b"data: first\n\n", what="held bytes")
+        session.append(b"data: second\n\n")
+        session.finalize()
+        code, stderr = follower.wait()
+        assert code == 0, stderr
+        assert bytes(follower.output) == b"data: first\n\ndata: second\n\n"
     finally:
         follower.kill()
         session.close()
@@ -424,14 +444,16 @@ def test_tail_from_a_dropped_offset_fails(namespace):
     result = shmstream("tail", "t", "--namespace", namespace, "--from", "1")
     assert result.returncode == 1
     assert b"offset 1 is no longer held" in result.stderr
-    result = shmstream("tail", "t", "--namespace", namespace)  # default: oldest held byte
+    result = shmstream("tail", "t", "--namespace", namespace, "--from", "2")
     assert result.returncode == 0 and result.stdout == b"23456789"
+    result = shmstream("tail", "t", "--namespace", namespace)  # default: the end
+    assert result.returncode == 0 and result.stdout == b""
     assert shmstream("tail", "t", "--namespace", namespace, "--from", "-1").returncode == 2
 
 
 def test_tail_exits_cleanly_on_ctrl_c(store, namespace):
     session = _make(store, "quiet", [b"data: 1\n\n"], state=None)
-    follower = _Tail("quiet", "--namespace", namespace)
+    follower = _Tail("quiet", "--namespace", namespace, "--from", "0")
     try:
         _wait_for(lambda: session.info().waiters == 1, what="the tail to wait")
         follower.process.send_signal(signal.SIGINT)
@@ -593,7 +615,7 @@ def test_dump_shows_progress_on_a_terminal_stderr(namespace, tmp_path):
     try:
         process = subprocess.Popen(
             [sys.executable, "-c",
-             "import sys; from shmstream.cli import main as cli, tools; tools.PROGRESS_DELAY = 0; "
+             "import sys; from shmstream.cli import main as cli, text; text.PROGRESS_DELAY = 0; "
              "sys.exit(cli.main())",
              "dump", "big", "--namespace", namespace, "-o", str(tmp_path / "big.raw")],
             env=_clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal,
@@ -617,3 +639,45 @@ def test_dump_shows_progress_on_a_terminal_stderr(namespace, tmp_path):
     assert process.returncode == 0
     assert b"\rreading: " in shown and b"writing: 6.0 MiB / 6.0 MiB (100%)" in shown
     assert (tmp_path / "big.raw").stat().st_size == 6 * 1024 * 1024
+
+
+# --- the Redis backend --------------------------------------------------------------------
+
+
+def test_ls_dump_tail_gc_work_on_redis_and_shm_only_tools_say_so(redis_stores, tmp_path):
+    store = redis_stores(ttl=300)
+    env = _clean_env(SHMSTREAM_BACKEND=redis_stores.url,
+                     SHMSTREAM_NAMESPACE=redis_stores.namespace)
+    done = _make(store, "chat-r::m", EVENTS, metadata={"model": "m"})
+    running = _make(store, "chat-live", [b"data: 1\n\n"], state=None)
+    try:
+        result = shmstream("ls", env=env)
+        assert result.returncode == 0, result.stderr
+        assert b"chat-r::m" in result.stdout and b"chat-live" in result.stdout
+        entries = {e["conversation_id"]: e for e in json.loads(shmstream("ls", "--json",
+                                                                         env=env).stdout)}
+        assert entries["chat-r::m"]["total_bytes"] == sum(map(len, EVENTS))
+        assert entries["chat-live"]["state"] == "running"
+
+        result = shmstream("dump", "chat-r::m", env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"".join(EVENTS)
+        result = shmstream("tail", "chat-r::m", "--from", "0", env=env)
+        assert result.returncode == 0 and result.stdout == b"".join(EVENTS)
+
+        result = shmstream("gc", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["expired"] == 0
+        result = shmstream("gc", "--ttl", "0s", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        assert b"expires by its key's TTL" in result.stderr  # said plainly, not ignored
+
+        for argv in (["load", str(tmp_path / "x")], ["gc", "--dry-run"],
+                     ["purge", "--namespace", redis_stores.namespace, "--yes"]):
+            result = shmstream(*argv, env=env)
+            assert result.returncode == tools.EXIT_USAGE, argv
+            assert b"shared-memory backend only" in result.stderr, argv
+    finally:
+        done.close()
+        running.finalize()
+        running.close()

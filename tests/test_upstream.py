@@ -69,7 +69,7 @@ def test_connections_are_pooled(upstream_server):
             return response
 
     async def go():
-        upstream = HttpAsyncUpstream(upstream_server.url, transport=Counting())
+        upstream = HttpAsyncUpstream(upstream_server.url, transport_factory=Counting)
         try:
             for index in range(3):
                 await _collect(upstream, completion({"tag": f"p{index}", "events": 2}))
@@ -77,6 +77,26 @@ def test_connections_are_pooled(upstream_server):
             await upstream.aclose()
     asyncio.run(go())
     assert len(opened) == 3 and len({id(s) for s in opened}) == 1  # one connection, reused
+
+
+def test_concurrent_streams_are_spread_over_clients_of_bounded_size(upstream_server):
+    async def go():
+        upstream = HttpAsyncUpstream(upstream_server.url, shard_size=4)
+        responses = [await upstream.open(completion({"tag": f"sh{i}", "events": 1}))
+                     for i in range(10)]
+        sizes = [shard.active for shard in upstream.shards]
+        for response in responses:
+            async for _ in response.aiter_bytes():
+                pass
+            await response.aclose()
+        after = [shard.active for shard in upstream.shards]
+        reused = await upstream.open(completion({"tag": "sh-again", "events": 1}))
+        first_again = upstream.shards[0].active
+        await reused.aclose()
+        await upstream.aclose()
+        return sizes, after, first_again
+    sizes, after, first_again = asyncio.run(go())
+    assert sizes == [4, 4, 2] and after == [0, 0, 0] and first_again == 1
 
 
 def test_cancelling_the_reading_task_closes_the_connection(upstream_server):

@@ -92,3 +92,20 @@ def test_the_page_loads_without_the_api_key_but_the_api_needs_it(make_client):
 
 def test_other_methods_are_405(make_client):
     assert make_client().simulate_post("/shmstream/").status_code == 405
+
+
+def test_the_vendored_libraries_are_served_with_their_licenses_packaged(make_client):
+    from importlib import resources
+
+    client = make_client()
+    for name, marker in (("marked.umd.js", b"marked v18"), ("purify.min.js", b"DOMPurify 3")):
+        result = client.simulate_get(f"/shmstream/vendor/{name}")
+        assert result.status_code == 200, name
+        assert result.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert marker in result.content
+    vendor = resources.files("shmstream.http") / "static" / "vendor"
+    for license_file in ("marked.LICENSE.md", "dompurify.LICENSE"):
+        assert (vendor / license_file).read_text().strip(), license_file
+    # Only the page's own files and the vendored scripts are served, nothing else there.
+    assert client.simulate_get("/shmstream/vendor/README.md").status_code == 404
+    assert client.simulate_get("/shmstream/vendor/../chat.js").status_code == 404

@@ -1,4 +1,4 @@
-"""The ``shmstream`` command: ``serve``, ``supervise`` and the segment tools.
+"""The shmstream command: serve, supervise and the operator's session tools.
 
 Each subcommand lives in the module of its concern; this file only parses arguments.
 """
@@ -9,42 +9,59 @@ import argparse
 import logging
 import sys
 
-from shmstream.config import DEFAULT_NAMESPACE
+from shmstream import __version__
+from shmstream.config import DEFAULT_NAMESPACE, default_text, env_name, flag_name, specs
+
+EPILOG = """\
+Settings come from SHMSTREAM_* environment variables; a serve flag wins over its variable.
+Sizes take 4MiB, 512KiB or 1M; durations take 300s, 5m, 1h or 250ms.
+See `shmstream serve --help` for every setting."""
 
 
 def _add_namespace(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=None,
-                        help=f"shared-memory namespace (SHMSTREAM_NAMESPACE, default "
+                        help=f"shared-memory namespace (SHMSTREAM_NAMESPACE; default "
                              f"{DEFAULT_NAMESPACE})")
 
 
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting of :mod:`shmstream.config`, kept as text: the settings parse
+    it, so a flag and its variable give the same errors."""
+    for name, spec in specs():
+        parser.add_argument(
+            flag_name(name), dest=name, default=None, metavar=_metavar(spec),
+            help=f"{spec.help} [{env_name(name)}; default {default_text(name, spec)}]"
+                 .replace("%", "%%"))
+
+
+def _metavar(spec) -> str:
+    if spec.metavar:
+        return spec.metavar
+    kind = type(spec.kind).__name__
+    return {"Size": "SIZE", "Duration": "DURATION", "Integer": "N", "Number": "N",
+            "UpstreamUrl": "URL", "Backend": "URL"}.get(kind, "TEXT")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shmstream", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="shmstream", description=__doc__.splitlines()[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"shmstream {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the HTTP service under gunicorn")
-    serve.add_argument("--upstream", help="OpenAI-compatible base URL (default: built-in demo)")
-    serve.add_argument("--bind", default=None, help="HOST:PORT (default 127.0.0.1:8080)")
-    serve.add_argument("--workers", type=int, default=None)
-    serve.add_argument("--threads", type=int, default=None)
-    _add_namespace(serve)
-    serve.add_argument("--max-bytes", type=int, default=None)
-    serve.add_argument("--ttl", type=float, default=None)
-    serve.add_argument("--gc-interval", type=float, default=None)
-    serve.add_argument("--ping-interval", type=float, default=None)
-    serve.add_argument("--api-key", default=None)
-    serve.add_argument("--upstream-api-key", default=None)
-    serve.add_argument("--max-sessions", type=int, default=None)
-    serve.add_argument("--max-shm-bytes", type=int, default=None)
-    serve.add_argument("--backend", default=None, help="'shm' or a redis:// URL")
-    serve.add_argument("--cors-origins", default=None,
-                       help="'*' (default), 'none' or comma-separated allowed origins")
-    serve.add_argument("--demo-tokens-per-second", type=float, default=None)
+    serve = commands.add_parser(
+        "serve", help="run the HTTP service under gunicorn",
+        description="Run the HTTP service (gunicorn workers and the supervisor). Each flag "
+                    "has a SHMSTREAM_* variable; the flag wins.",
+        epilog=EPILOG.splitlines()[1])
+    _add_setting_flags(serve)
 
-    supervise = commands.add_parser("supervise", help="run GC and dead-producer reaping")
+    supervise = commands.add_parser("supervise", help="run GC and dead-producer reaping "
+                                                      "(for your own gunicorn config)")
     _add_namespace(supervise)
-    supervise.add_argument("--once", action="store_true", help="one pass, then exit")
+    supervise.add_argument("--once", action="store_true",
+                           help="one pass, print what it did, then exit")
 
     _add_tool_commands(commands)
     return parser
@@ -54,12 +71,13 @@ _TOOL_COMMANDS = ("ls", "dump", "load", "tail", "gc", "purge")
 
 
 def _add_tool_commands(commands) -> None:
-    """The operator's segment tools (:mod:`shmstream.cli.tools`)."""
-    ls = commands.add_parser("ls", help="list the sessions of a namespace")
+    """The operator's session tools (:mod:`shmstream.cli.tools`)."""
+    ls = commands.add_parser("ls", help="list the sessions of a namespace (both backends)")
     _add_namespace(ls)
     ls.add_argument("--json", action="store_true", help="JSON, with full ids and metadata")
 
-    dump = commands.add_parser("dump", help="write a session's held bytes or a snapshot")
+    dump = commands.add_parser("dump", help="write a session's held bytes or a snapshot "
+                                            "(both backends)")
     dump.add_argument("id", metavar="ID", help="conversation id (full: see ls --json)")
     _add_namespace(dump)
     dump.add_argument("--format", choices=("raw", "sse", "msgpack"), default="raw",
@@ -67,7 +85,8 @@ def _add_tool_commands(commands) -> None:
                            "for `load`")
     dump.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default stdout)")
 
-    load = commands.add_parser("load", help="restore a msgpack snapshot as a finished session")
+    load = commands.add_parser("load", help="restore a msgpack snapshot as a finished session "
+                                            "(shared memory only)")
     load.add_argument("file", metavar="FILE", help="snapshot from `dump --format msgpack` "
                                                    "('-' for stdin)")
     _add_namespace(load)
@@ -77,21 +96,25 @@ def _add_tool_commands(commands) -> None:
     load.add_argument("--touch", action="store_true",
                       help="set its end time to now, so its TTL starts over")
 
-    tail = commands.add_parser("tail", help="follow a session's bytes until it ends")
+    tail = commands.add_parser("tail", help="follow a session's bytes until it ends, like "
+                                            "tail -f (both backends)")
     tail.add_argument("id", metavar="ID", help="conversation id")
     _add_namespace(tail)
     tail.add_argument("--from", dest="from_offset", type=int, default=None, metavar="N",
-                      help="start at stream offset N (default: the oldest held byte)")
+                      help="start at stream offset N; 0 replays from the start (default: "
+                           "the end, new bytes only)")
 
-    gc = commands.add_parser("gc", help="one garbage-collection pass")
+    gc = commands.add_parser("gc", help="one garbage-collection pass (both backends)")
     _add_namespace(gc)
-    gc.add_argument("--ttl", type=float, default=None,
-                    help="seconds a finished session is kept (SHMSTREAM_TTL)")
-    gc.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    gc.add_argument("--ttl", default=None, metavar="DURATION",
+                    help="how long a finished session is kept, like 300s or 5m "
+                         "(SHMSTREAM_TTL; default 300 s)")
+    gc.add_argument("--dry-run", action="store_true",
+                    help="report, remove nothing (shared memory only)")
     gc.add_argument("--json", action="store_true")
 
     purge = commands.add_parser("purge", help="remove every segment and semaphore of a "
-                                              "namespace")
+                                              "namespace (shared memory only)")
     purge.add_argument("--namespace", required=True,
                        help="the namespace (required here, never taken from the environment)")
     purge.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -108,9 +131,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(args)
     if args.command == "supervise":
+        from shmstream.config import SettingError
         from shmstream.serve.supervisor import supervise
 
-        return supervise(args)
+        try:
+            return supervise(args)
+        except SettingError as exc:
+            print(f"shmstream supervise: {exc}", file=sys.stderr)
+            return 2
     if args.command in _TOOL_COMMANDS:
         from shmstream.cli.tools import run
 

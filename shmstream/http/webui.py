@@ -45,14 +45,21 @@ class StaticFile:
         self.etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
 
 
+VENDOR = "vendor"  # third-party libraries, copied unchanged (static/vendor/README.md)
+
+
 def load_static() -> dict[str, StaticFile]:
-    """The packaged files the page may serve, by name (subdirectories are not served)."""
+    """The packaged files the page may serve, by name: ``static/*`` and ``vendor/<name>``
+    for ``static/vendor/*`` (no other subdirectory is served)."""
     folder = resources.files("shmstream.http") / "static"
-    return {
-        entry.name: StaticFile(entry.name, entry.read_bytes())
-        for entry in folder.iterdir()
-        if entry.is_file() and _suffix(entry.name) in CONTENT_TYPES
-    }
+    files = {}
+    for prefix, directory in (("", folder), (VENDOR + "/", folder / VENDOR)):
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            if entry.is_file() and _suffix(entry.name) in CONTENT_TYPES:
+                files[prefix + entry.name] = StaticFile(entry.name, entry.read_bytes())
+    return files
 
 
 class WebUIResource:
@@ -62,8 +69,10 @@ class WebUIResource:
     def __init__(self, files: dict[str, StaticFile] | None = None):
         self.files = load_static() if files is None else files
 
-    async def on_get(self, req: falcon.Request, resp: falcon.Response,
-                     name: str = INDEX) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response, name: str = INDEX,
+                     vendored: str | None = None) -> None:
+        if vendored is not None:
+            name = f"{VENDOR}/{vendored}"
         if req.path == WEBUI_PREFIX.rstrip("/"):
             query = f"?{req.query_string}" if req.query_string else ""
             resp.status = falcon.HTTP_308
@@ -104,4 +113,5 @@ def add_webui(app: falcon.App) -> WebUIResource:
     app.add_route(WEBUI_PREFIX.rstrip("/"), resource)
     app.add_route(WEBUI_PREFIX, resource)
     app.add_route(WEBUI_PREFIX + "{name}", resource)
+    app.add_route(WEBUI_PREFIX + VENDOR + "/{vendored}", resource)
     return resource

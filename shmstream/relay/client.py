@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
 
 from shmstream.relay.upstream import DEFAULT_TIMEOUT, UpstreamError
 
-# Thousands of concurrent streams per relay: no cap on connections (the upstream's own
-# queue decides), a pool of idle keep-alive connections for the next requests.
-DEFAULT_ASYNC_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256,
+# httpcore's pool does bookkeeping over all its connections each time a request starts or
+# ends (quadratic in them: measured 58 ms per request with 300 streams on one client, the
+# relay's loop stalled for seconds). So a relay spreads its streams over several clients of
+# at most SHARD_SIZE concurrent requests each, filled in order (keep-alive reuse stays in
+# the first ones).
+SHARD_SIZE = 32
+DEFAULT_ASYNC_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=SHARD_SIZE,
                                     keepalive_expiry=30.0)
 
 
@@ -84,8 +88,9 @@ class AsyncUpstream(abc.ABC):
 
 
 class _HttpxResponse(AsyncUpstreamResponse):
-    def __init__(self, response: httpx.Response):
+    def __init__(self, response: httpx.Response, on_close: Callable[[], None]):
         self._response = response
+        self._on_close: Callable[[], None] | None = on_close
         self.status = response.status_code
         self.reason = response.reason_phrase
         self.headers = [(k.decode("latin-1"), v.decode("latin-1"))
@@ -108,8 +113,19 @@ class _HttpxResponse(AsyncUpstreamResponse):
         return self._iterate(self._response.aiter_raw())
 
     async def aclose(self) -> None:
-        with contextlib.suppress(httpx.HTTPError, OSError):
-            await self._response.aclose()
+        try:
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                await self._response.aclose()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
+
+
+class _Shard:
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+        self.active = 0
 
 
 def _describe(exc: Exception) -> str:
@@ -119,30 +135,68 @@ def _describe(exc: Exception) -> str:
 
 class HttpAsyncUpstream(AsyncUpstream):
     """An OpenAI-compatible server over HTTP(S). ``timeout`` and ``limits`` are httpx's own
-    settings, passed to the client as they are."""
+    settings, passed as they are to each client; ``transport_factory`` makes each client's
+    transport (an httpx transport of your own, for hooks)."""
 
     def __init__(self, base_url: str, timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-                 limits: httpx.Limits = DEFAULT_ASYNC_LIMITS,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 limits: httpx.Limits = DEFAULT_ASYNC_LIMITS, shard_size: int = SHARD_SIZE,
+                 transport_factory: Callable[[], httpx.AsyncBaseTransport] | None = None):
         self.base_url = base_url.rstrip("/")
         self.description = f"http upstream {self.base_url}"
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport,
-                                        follow_redirects=False)
+        self.timeout = timeout
+        self.limits = limits
+        self.shard_size = max(1, shard_size)
+        self.transport_factory = transport_factory
+        # One TLS context for every client: making one loads the CA bundle (~100 ms).
+        self.ssl_context = httpx.create_ssl_context()
+        self.shards: list[_Shard] = []
+        self._shard()  # the first client now: it imports what httpx loads lazily (~80 ms)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The first client: for callers that drive httpx themselves (the HTTP workers'
+        proxy streams request bodies through it)."""
+        if not self.shards:
+            self._shard()
+        return self.shards[0].client
+
+    def _shard(self) -> _Shard:
+        for shard in self.shards:
+            if shard.active < self.shard_size:
+                return shard
+        transport = self.transport_factory() if self.transport_factory else None
+        shard = _Shard(httpx.AsyncClient(timeout=self.timeout, limits=self.limits,
+                                         transport=transport, verify=self.ssl_context,
+                                         follow_redirects=False))
+        self.shards.append(shard)
+        return shard
 
     async def open(self, request: AsyncUpstreamRequest) -> AsyncUpstreamResponse:
-        built = self.client.build_request(
+        shard = self._shard()
+        built = shard.client.build_request(
             request.method, self.base_url + request.target,
             headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers],
             content=request.body,
         )
+        shard.active += 1
+
+        def release() -> None:
+            shard.active -= 1
+
         try:
-            response = await self.client.send(built, stream=True)
+            response = await shard.client.send(built, stream=True)
         except httpx.HTTPError as exc:
+            release()
             raise UpstreamError(_describe(exc)) from exc
-        return _HttpxResponse(response)
+        except BaseException:
+            release()
+            raise
+        return _HttpxResponse(response, release)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for shard in self.shards:
+            await shard.client.aclose()
+        self.shards.clear()
 
 
 def make_async_upstream(upstream_url: str | None,

@@ -21,7 +21,7 @@ import threading
 
 from shmstream.relay.client import AsyncUpstream
 from shmstream.relay.handoff import RelayClient
-from shmstream.relay.server import RelayServer
+from shmstream.relay.server import BACKLOG, RelayServer
 from shmstream.store.interface import SessionStore
 
 
@@ -45,7 +45,7 @@ class LocalRelay:
         """Start the loop and listen; returns self once the relay accepts."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(self.socket_path)
-        sock.listen(1024)
+        sock.listen(BACKLOG)
         self._thread = threading.Thread(target=self._run, args=(sock,), daemon=True,
                                         name="shmstream-local-relay")
         self._thread.start()

@@ -137,7 +137,9 @@ class Producer:
         appended = self.session.append(data)
         self._last_append = time.monotonic()
         window = self._tail + data
-        if _TERMINAL.search(window):
+        # A plain search first: the regex runs only on the rare chunk that may end it.
+        if (b"[DONE]" in window or b"message_stop" in window or b"response." in window) \
+                and _TERMINAL.search(window):
             self.ended = True
         self._tail = window[-_TAIL:]
         self._bytes += len(data)
@@ -159,10 +161,10 @@ class Producer:
                 response = await self.upstream.open(self.request)
             except UpstreamError as exc:
                 error = error_object(502, exc.message, "server_error")
+                metrics.upstream_error("unreachable")  # counted before the caller hears
                 self._set_answer(RelayAnswer(502, [("Content-Type", JSON_TYPE)],
                                              json.dumps({"error": error}).encode()))
                 self._append_error(error)
-                metrics.upstream_error("unreachable")
                 log.warning("session upstream-failed id=%s error=%r", self.log_id, exc.message)
                 return state
             log.info("session upstream-answered id=%s status=%d after=%.3fs", self.log_id,
@@ -231,7 +233,6 @@ class Producer:
         the upstream is open and silent, at an event boundary."""
         if not self.open or self.stop_reason is not None:
             return
-        self.report_bytes()
         if self.session.producer_should_stop:
             self.stop("cancel")
             log.info("session cancel-observed id=%s upstream call closed", self.log_id)
@@ -240,7 +241,7 @@ class Producer:
             if _at_boundary(self._tail):
                 self.session.append(PING)
                 self._tail = PING
-                metrics.bytes_appended(len(PING))
+                self._bytes += len(PING)
             self._last_append = now
 
     def stop(self, reason: str) -> None:
@@ -256,12 +257,18 @@ class Producer:
         if self.task is not None:
             self.task.cancel()
 
+    def unreported_bytes(self) -> int:
+        """The bytes appended since the last call, for /metrics: the ticker adds them up
+        over every producer and counts them once per tick (a multiprocess metric write
+        costs microseconds: never on every append)."""
+        delta = self._bytes - self._bytes_reported
+        self._bytes_reported = self._bytes
+        return delta
+
     def report_bytes(self) -> None:
-        """Count the bytes appended since the last call in /metrics (once per tick, not on
-        every append: the hot path stays free of it)."""
-        if self._bytes != self._bytes_reported:
-            metrics.bytes_appended(self._bytes - self._bytes_reported)
-            self._bytes_reported = self._bytes
+        delta = self.unreported_bytes()
+        if delta:
+            metrics.bytes_appended(delta)
 
     def _observe_cancel(self, info) -> None:
         if info.state is State.CANCELLED and info.completed_at:

@@ -34,6 +34,7 @@ from shmstream.store.interface import SessionStore
 log = logging.getLogger("shmstream.relay.server")
 
 TICK = 0.05  # seconds between two cancel/ping passes: a DELETE lands within ~this
+BACKLOG = 4096  # hand-offs waiting to be accepted (a burst of completions, a relay renewal)
 
 
 class RelayServer:
@@ -56,7 +57,10 @@ class RelayServer:
     async def start(self, sock: socket.socket) -> None:
         """Accept hand-offs on ``sock`` (a listening unix socket, maybe shared with other
         relay processes: whichever accepts a connection serves it)."""
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        # asyncio calls listen() again on the socket it is given (100 by default): keep
+        # the master's backlog, or a burst of hand-offs beyond 100 fails to connect.
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock,
+                                                       backlog=BACKLOG)
         self.accepting = True
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(),
                                                                name="relay-ticker")
@@ -138,11 +142,15 @@ class RelayServer:
         while True:
             await asyncio.sleep(self.tick)
             now = time.monotonic()
+            appended = 0
             for producer in list(self.producers):
                 try:
                     producer.tick(now)
+                    appended += producer.unreported_bytes()
                 except Exception:
                     log.exception("relay tick failed id=%s", producer.log_id)
+            if appended:
+                metrics.bytes_appended(appended)
 
     # --- ending ---------------------------------------------------------------------------
     async def drain(self, timeout: float | None) -> int:

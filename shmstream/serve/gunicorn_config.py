@@ -2,23 +2,30 @@
 the repository root imports this) and by ``shmstream serve`` (``-c python:...``).
 
 Everything comes from the environment: the ``SHMSTREAM_*`` settings of
-:class:`shmstream.config.Settings`, plus ``SHMSTREAM_BIND``, ``SHMSTREAM_WORKERS``,
-``SHMSTREAM_THREADS`` for the process model (``SHMSTREAM_RELAYS`` and
-``SHMSTREAM_GRACEFUL_TIMEOUT`` are settings: the relays read them too).
+:class:`shmstream.config.Settings` (``SHMSTREAM_BIND``, ``SHMSTREAM_WORKERS`` and
+``SHMSTREAM_ACCESS_LOG`` for the process model; ``SHMSTREAM_RELAYS`` and
+``SHMSTREAM_GRACEFUL_TIMEOUT`` are read by the relays too). A bad value stops gunicorn with
+the one-line error of :mod:`shmstream.config`.
 """
 
 import math
 import os
+import sys
 
-from shmstream.config import Settings
+from shmstream.config import SettingError, Settings
 from shmstream.serve import gunicorn_hooks
+
+try:
+    _settings = Settings.from_env()
+except SettingError as _error:
+    sys.exit(f"shmstream: {_error}")
 
 RELAY_MARGIN = 5.0  # seconds
 
 _cpus = os.cpu_count() or 1
 
 wsgi_app = "shmstream.serve.asgi:application"
-bind = [os.environ.get("SHMSTREAM_BIND", "127.0.0.1:8080")]
+bind = [_settings.bind]
 # gunicorn's own event-driven ASGI worker (gunicorn >= 24) on uvloop, with the
 # gunicorn_h1c parser: a reader is a coroutine and a socket, not a thread; blocking futex
 # waits live in one waiter thread per session (shmstream/shm/waiter.py).
@@ -33,7 +40,7 @@ worker_class = "asgi"
 asgi_loop = "auto"  # uvloop when installed
 http_parser = "auto"  # gunicorn_h1c when installed
 asgi_lifespan = "auto"  # the app builds itself at the lifespan startup (or first request)
-workers = int(os.environ.get("SHMSTREAM_WORKERS") or max(2, min(2 * _cpus, 8)))
+workers = _settings.workers or max(2, min(2 * _cpus, 8))
 # Accepted for compatibility with the thread-per-stream configuration; unused by asgi.
 threads = 1
 worker_connections = 100_000
@@ -42,7 +49,7 @@ timeout = 60
 # SHMSTREAM_GRACEFUL_TIMEOUT is the relays' deadline for running answers on SIGTERM; the
 # HTTP workers get a few seconds more, so their readers still deliver the end (done, or
 # aborted at the deadline) before gunicorn kills them.
-graceful_timeout = math.ceil(Settings.from_env().graceful_timeout + RELAY_MARGIN)
+graceful_timeout = math.ceil(_settings.graceful_timeout + RELAY_MARGIN)
 keepalive = 5
 # Build the app in each worker after fork: shared memory handles, threads and HTTP pools
 # must not be inherited from the master.
@@ -51,10 +58,11 @@ proc_name = "shmstream"
 # gunicorn 23+'s control socket defaults to one path per user: two services (or parallel
 # test runs) would fight over it. shmstream's own tools read shared memory instead.
 control_socket_disable = True
-accesslog = os.environ.get("SHMSTREAM_ACCESS_LOG") or None
+accesslog = _settings.access_log
 # Ids are capabilities: the access log shows a hash where a request line has one.
 logger_class = "shmstream.serve.accesslog.RedactingLogger"
 
+on_starting = gunicorn_hooks.on_starting
 when_ready = gunicorn_hooks.when_ready
 child_exit = gunicorn_hooks.child_exit
 on_exit = gunicorn_hooks.on_exit

@@ -23,6 +23,7 @@ import logging
 from shmstream import metrics
 from shmstream.backends import open_store
 from shmstream.config import Settings
+from shmstream.serve import startup
 from shmstream.serve.relays import RelayPool
 from shmstream.serve.supervisor import SupervisorProcess
 
@@ -42,6 +43,12 @@ def _store():
     if "store" not in _state:
         _state["store"] = open_store(_settings())
     return _state["store"]
+
+
+def on_starting(server) -> None:
+    # First, before anything touches the namespace: one live service per namespace, and a
+    # store that answers (shmstream.serve.startup; a failure stops gunicorn with one line).
+    startup.prepare_master()
 
 
 def when_ready(server) -> None:

@@ -3,16 +3,18 @@
 Why not gunicorn's dirty arbiters (gunicorn 25+, read in 27.0.1's ``gunicorn/dirty``): they
 are a pool for *calls*, and a relay's generation must outlive its caller.
 - The dirty arbiter queues each request for one worker and runs that worker's queue one
-  request at a time (``_start_worker_consumer``), and a streamed result is forwarded chunk by
-  chunk through the arbiter to the calling HTTP worker: one long stream occupies a dirty
-  worker, so thousands of concurrent streams would need thousands of processes, and every
-  chunk costs two more socket hops and a serialization.
+  request at a time (``_start_worker_consumer``): one long stream occupies a dirty worker,
+  so thousands of concurrent streams would need thousands of processes.
 - The task is tied to the caller's connection: when the HTTP worker dies, the arbiter's
   write to it fails and it drops the connection to the dirty worker, which abandons the
   generator. A kill -9 of the HTTP worker would still cut the answer.
-- On SIGHUP it spawns new dirty workers and sends SIGTERM to workers picked by position,
-  and a dirty worker's SIGTERM only closes its server: running tasks are not drained;
-  ``dirty_graceful_timeout`` applies to the final stop only.
+- On SIGHUP (``DirtyArbiter.reload``) it spawns new dirty workers, then SIGTERMs
+  ``list(self.workers)[dirty_workers:]``, which after the spawn are the *new* ones (the dict
+  keeps insertion order), so the old code keeps running; and a dirty worker's SIGTERM only
+  closes its server, running tasks are not drained. ``dirty_graceful_timeout`` applies to
+  the final stop only.
+- Its cost per chunk: each chunk is a serialized frame through two unix-socket hops
+  (worker -> arbiter -> HTTP worker); a relay appends it to the store and nothing else.
 So shmstream has its own, shaped the same way: the master owns one listening unix socket
 per service (a private directory), relays inherit it and accept on it, so a renewal has no
 gap (connections wait in the backlog); the master restarts a relay that dies and, on
@@ -39,10 +41,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shmstream.config import Settings
 from shmstream.relay.handoff import SOCKET_ENV
+from shmstream.relay.server import BACKLOG
 from shmstream.store.procs import process_alive, process_start_time
 
 log = logging.getLogger("shmstream.serve.relays")
@@ -56,6 +59,10 @@ WATCH_INTERVAL = 0.2  # seconds: a dead relay's sessions are aborted within abou
 # whole group (systemd's control-group kill), the master's own handler marks the stop in
 # the meantime and nothing is restarted during shutdown (issue 14, item 5).
 RESTART_SETTLE = 0.5
+# A relay that dies soon after it started (the store is down, a bad setting) is restarted
+# after a growing delay, so the log gets one line per try instead of two per second.
+QUICK_DEATH = 10.0  # seconds
+MAX_BACKOFF = 30.0  # seconds
 
 
 @dataclass
@@ -65,6 +72,7 @@ class RelayChild:
     ready_fd: int = -1  # the read end of its readiness pipe: a byte once it accepts
     retiring: bool = False
     dead_since: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
 
     def wait_ready(self, timeout: float) -> bool:
         """Whether the relay accepts hand-offs, waiting up to ``timeout`` seconds."""
@@ -109,6 +117,7 @@ class RelayPool:
         self.abort_producers = abort_producers
         self.children: list[RelayChild] = []
         self.restarts = 0
+        self.backoff = 0.0  # seconds before the next restart of a relay that died young
         self.stopping = False
         self._lock = threading.RLock()
         self._stop_watch = threading.Event()
@@ -116,6 +125,7 @@ class RelayPool:
         self._directory = ""
         self.socket_path = ""
         self._listener: socket.socket | None = None
+        self._exported = False
 
     # --- starting -------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,8 +142,9 @@ class RelayPool:
             self.socket_path = os.path.join(self._directory, "relay.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
-        listener.listen(4096)
+        listener.listen(BACKLOG)
         self._listener = listener
+        self._exported = not preset
         os.environ[SOCKET_ENV] = self.socket_path
         with self._lock:
             for _ in range(self.count):
@@ -193,6 +204,10 @@ class RelayPool:
                     continue
                 child.dead_since = now
                 self._reap_sessions(child)
+                if not (child.retiring or self.stopping):
+                    quick = now - child.started_at < QUICK_DEATH
+                    self.backoff = min(max(1.0, self.backoff * 2), MAX_BACKOFF) if quick \
+                        else 0.0
             for child in list(self.children):
                 if not child.dead_since:
                     continue
@@ -203,11 +218,12 @@ class RelayPool:
                 if child.retiring or self.stopping:
                     self.children.remove(child)
                     log.info("relay pid %d exited", child.pid)
-                elif now - child.dead_since >= RESTART_SETTLE:
+                elif now - child.dead_since >= max(RESTART_SETTLE, self.backoff):
                     self.children.remove(child)
                     self.restarts += 1
-                    log.error("relay pid %d died; starting a new one (restart #%d)",
-                              child.pid, self.restarts)
+                    log.error("relay pid %d died after %.1f s; starting a new one "
+                              "(restart #%d)", child.pid, child.dead_since - child.started_at,
+                              self.restarts)
                     self._spawn()
 
     def _reap_sessions(self, child: RelayChild) -> None:
@@ -282,6 +298,8 @@ class RelayPool:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._exported and os.environ.get(SOCKET_ENV) == self.socket_path:
+            del os.environ[SOCKET_ENV]  # a later pool in this process makes its own
         if self._directory:
             shutil.rmtree(self._directory, ignore_errors=True)
         else:

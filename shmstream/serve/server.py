@@ -2,38 +2,36 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
-from shmstream.backends import open_store
-from shmstream.config import Settings
+from shmstream.config import SettingError, Settings, specs
+from shmstream.serve.startup import StartupError, check_bind, prepare
 
-# serve flag -> environment variable read by gunicorn_config (not a Settings field)
-_PROCESS_FLAGS = {"bind": "SHMSTREAM_BIND", "workers": "SHMSTREAM_WORKERS",
-                  "threads": "SHMSTREAM_THREADS"}
+EXIT_USAGE = 2
+EXIT_REFUSED = 1
 
 
 def serve(args) -> int:
-    """Validate the settings here (clear errors before gunicorn forks), then exec gunicorn
-    so it owns this process id and receives signals directly."""
-    settings = Settings.from_env()
-    overrides = {
-        spec.name: getattr(args, spec.name)
-        for spec in dataclasses.fields(Settings)
-        if getattr(args, spec.name, None) is not None
-    }
-    settings = dataclasses.replace(settings, **overrides)
+    """Validate the settings, hold the namespace and check the store and the address here
+    (one-line errors, before gunicorn forks), then exec gunicorn so it owns this process id
+    and receives signals directly."""
+    flags = {name: getattr(args, name, None) for name, _ in specs()}
     try:
-        open_store(settings).close()
-    except ValueError as exc:
+        settings = Settings.load(os.environ, flags)
+    except SettingError as exc:
         print(f"shmstream serve: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     env = {**os.environ, **settings.to_env()}
-    for flag, variable in _PROCESS_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            env[variable] = str(value)
+    try:
+        check_bind(settings.bind)
+        lock = prepare(settings)
+    except StartupError as exc:
+        print(f"shmstream serve: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    lock.pass_through_exec(env)
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:shmstream.serve.gunicorn_config"]
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(sys.executable, argv, env)
     return 0  # not reached

@@ -26,6 +26,7 @@ import time
 from shmstream import metrics
 from shmstream.backends import open_store
 from shmstream.config import Settings
+from shmstream.store.errors import StoreUnavailable
 from shmstream.store.interface import SessionStore
 
 log = logging.getLogger("shmstream.serve.supervisor")
@@ -46,6 +47,7 @@ class Supervisor:
         self.signal_queue: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.alive = True
         self.next_gc = 0.0  # collect at once on start: leftovers of a previous run
+        self.failing: float | None = None  # monotonic time the current outage started
 
     # --- signals: enqueue only ---------------------------------------------------------
     def init_signals(self) -> None:
@@ -75,14 +77,24 @@ class Supervisor:
         log.info("supervisor stopping")
 
     def run_once(self) -> None:
-        """One reap pass, and a GC pass when it is due. Errors are logged, never fatal."""
+        """One reap pass, and a GC pass when it is due. Errors are never fatal, and logged
+        once per change (down, back), not on every pass of an outage."""
         try:
             self.reap()
             if time.monotonic() >= self.next_gc:
                 self.collect()
                 self.next_gc = time.monotonic() + self.gc_interval
-        except Exception:
-            log.exception("supervisor pass failed; retrying next round")
+        except Exception as exc:
+            if self.failing is None:
+                detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                # A known outage is one line; anything else shows its traceback, once.
+                log.error("store unavailable: %s; retrying every %.1f s", detail,
+                          self.reap_interval, exc_info=not isinstance(exc, StoreUnavailable))
+                self.failing = time.monotonic()
+            return
+        if self.failing is not None:
+            log.warning("store available again after %.1f s", time.monotonic() - self.failing)
+            self.failing = None
 
     def wait(self, timeout: float) -> None:
         try:
@@ -129,8 +141,12 @@ def supervise(args) -> int:
     metrics.get()  # reserve this process's metric files up front
     supervisor = Supervisor(open_store(settings), settings.gc_interval)
     if args.once:
-        supervisor.reap()
-        print(supervisor.collect())
+        reaped = supervisor.reap()
+        report = supervisor.collect()
+        print(f"namespace {settings.namespace}: reaped {reaped} session(s) whose producer died; "
+              f"gc expired {report.expired}, aborted {report.aborted}, recovered "
+              f"{report.locks_recovered} lock(s), removed {report.corrupt_removed} broken "
+              f"object(s), kept {report.kept}")
         return 0
     supervisor.run()
     return 0

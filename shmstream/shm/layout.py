@@ -4,7 +4,7 @@ A segment is one POSIX shared-memory object::
 
     0        8        16       24       32       40       48       56       64
     +--------+--------+--------+--------+--------+--------+--------+--------+
-    | magic  |version | state  | flags  |      total      |     dropped     |   0
+    | magic  |version | state  | flags  |      total      |    allocated    |   0
     +--------+--------+--------+--------+--------+--------+--------+--------+
     |    capacity     |  started_at_us  | completed_at_us |  producer_pid   |  32
     +--------+--------+--------+--------+--------+--------+--------+--------+
@@ -15,14 +15,27 @@ A segment is one POSIX shared-memory object::
     | metadata: one msgpack map (conversation id, model, ...), meta_len B  | 128
     +-----------------------------------------------------------------------+
     | ring: capacity bytes; the byte at stream offset o lives at o % capacity | ring_off
+    |   [ring_off, ring_off + allocated): pages reserved (posix_fallocate)    |
+    |   [ring_off + allocated, ring_off + capacity): a hole, never touched    |
     +-----------------------------------------------------------------------+
 
 (the ruler counts bytes in 4-byte columns; every u64 is 8-aligned, the futex word 4-aligned)
 
 - ``magic`` and ``version`` form one u64 written *last* by the creator, so a reader that
   finds them has a complete header and metadata.
-- ``total`` is the stream offset one past the last byte ever appended; ``dropped`` the
-  offset of the oldest byte still held (``max(0, total - capacity)``).
+- ``total`` is the stream offset one past the last byte ever appended. The offset of the
+  oldest byte still held, ``dropped``, is not stored: it is ``max(0, total - capacity)``
+  (layout 1 stored it next to ``total``, and a reader between the two stores of a full
+  ring saw a torn pair).
+- ``capacity`` is the ring's modulus and cap; the file is ``ring_off + capacity`` bytes
+  long but sparse. ``allocated`` is how many ring bytes have pages reserved now: the ring
+  grows (``allocated`` only rises, in :data:`GROWTH_STEP` steps) while ``total`` stays
+  below ``capacity``, so no byte ever moves (before the first wrap offset ``o`` sits at
+  index ``o``). The producer reserves pages first, then publishes ``allocated``, then
+  writes bytes below it: ``total <= allocated <= capacity`` always holds under the lock.
+  If ``/dev/shm`` is full the ring stops growing: ``capacity`` is lowered to
+  ``allocated`` (consistent, since ``total <= allocated`` and nothing wrapped yet) and
+  :data:`FLAG_RING_CAPPED` is set. ``capacity`` never rises.
 - ``state`` is a :class:`State`; ``flags`` holds :data:`FLAG_CANCEL`, set by any process
   that cancels and observed by the producer.
 - Times are unix microseconds; ``completed_at_us`` is 0 while running.
@@ -35,8 +48,10 @@ A segment is one POSIX shared-memory object::
   zeroes it, so it makes one wake syscall per sleep, none while nobody sleeps.
 
 Every field is read and written under the segment's semaphore except the doorbell and the
-``flags`` peek of the cancel watcher. Stores go through ``memoryview.cast`` element
-assignment, which (unlike ``struct.pack_into``) never exposes a zeroed intermediate value.
+``flags`` peek of the cancel watcher. :meth:`Header.validate` reads without the lock and
+therefore checks each field on its own, never one field against another. Stores go
+through ``memoryview.cast`` element assignment, which (unlike ``struct.pack_into``) never
+exposes a zeroed intermediate value.
 """
 
 from __future__ import annotations
@@ -49,7 +64,7 @@ from shmstream.store.ids import MAX_META_BYTES, encode_metadata  # noqa: F401 - 
 from shmstream.store.states import State
 
 MAGIC = 0x534D4853  # b"SHMS" little-endian
-VERSION = 1
+VERSION = 2  # 1: `dropped` stored at offset 16, the ring fully reserved up front
 MAGIC_VERSION = MAGIC | (VERSION << 32)
 
 # Byte offsets, computed from a running position so a change to one field moves the rest.
@@ -69,7 +84,7 @@ VERSION_OFFSET = _field(4)
 STATE_OFFSET = _field(4)
 FLAGS_OFFSET = _field(4)
 TOTAL_OFFSET = _field(8)
-DROPPED_OFFSET = _field(8)
+ALLOCATED_OFFSET = _field(8)
 CAPACITY_OFFSET = _field(8)
 STARTED_AT_OFFSET = _field(8)
 COMPLETED_AT_OFFSET = _field(8)
@@ -88,7 +103,7 @@ del _position
 # Element indexes into the u64 and u32 views of the header (offset // size).
 MAGIC_VERSION_Q = MAGIC_OFFSET // 8
 TOTAL_Q = TOTAL_OFFSET // 8
-DROPPED_Q = DROPPED_OFFSET // 8
+ALLOCATED_Q = ALLOCATED_OFFSET // 8
 CAPACITY_Q = CAPACITY_OFFSET // 8
 STARTED_AT_Q = STARTED_AT_OFFSET // 8
 COMPLETED_AT_Q = COMPLETED_AT_OFFSET // 8
@@ -103,9 +118,13 @@ META_LENGTH_I = META_LENGTH_OFFSET // 4
 RING_OFFSET_I = RING_OFFSET_OFFSET // 4
 
 FLAG_CANCEL = 1
+FLAG_RING_CAPPED = 2  # /dev/shm was full when the ring needed to grow; capacity lowered
 RING_ALIGN = 64
-
-
+PAGE = 4096
+# Ring bytes reserved at creation and added per growth step: a session holding B bytes
+# below the cap reserves at most B + GROWTH_STEP of ring (scripts/bench_store.py measures
+# appends/s across steps).
+GROWTH_STEP = 64 * 1024
 
 
 class CorruptSegment(Exception):
@@ -130,7 +149,22 @@ def ring_offset_for(meta_length: int) -> int:
 
 
 def segment_size(meta_length: int, capacity: int) -> int:
+    """The file size of a segment (sparse beyond its allocated ring)."""
     return ring_offset_for(meta_length) + capacity
+
+
+def initial_allocation(capacity: int) -> int:
+    """Ring bytes reserved when a segment is created."""
+    return min(capacity, GROWTH_STEP)
+
+
+def grown_allocation(allocated: int, needed: int, capacity: int) -> int:
+    """The ``allocated`` that holds ring bytes ``[0, needed)``: whole growth steps past
+    ``allocated``, at most ``capacity``."""
+    if needed <= allocated:
+        return allocated
+    steps = -(-(needed - allocated) // GROWTH_STEP)
+    return min(capacity, allocated + steps * GROWTH_STEP)
 
 
 class Header:
@@ -139,7 +173,7 @@ class Header:
     The views hold exports of the mapping: call :meth:`release` before closing the mmap.
     """
 
-    __slots__ = ("q", "i", "mapping", "ring", "capacity", "ring_offset", "meta_length")
+    __slots__ = ("q", "i", "mapping", "ring", "ring_offset", "meta_length")
 
     def __init__(self, mapping: mmap.mmap | bytearray):
         self.mapping = mapping
@@ -147,7 +181,6 @@ class Header:
         self.q = head.cast("Q")
         self.i = head.cast("I")
         head.release()
-        self.capacity = 0
         self.ring_offset = 0
         self.meta_length = 0
         self.ring: memoryview | None = None
@@ -157,22 +190,26 @@ class Header:
         self,
         *,
         capacity: int,
+        allocated: int,
         metadata_record: bytes,
         started_at_us: int,
         producer_pid: int,
         producer_start: int,
     ) -> None:
-        """Write a fresh header, metadata and an empty ring; magic+version go in last."""
+        """Write a fresh header, metadata and an empty ring whose first ``allocated`` bytes
+        have pages; magic+version go in last."""
         meta_length = len(metadata_record)
         ring_offset = ring_offset_for(meta_length)
         if len(self.mapping) < ring_offset + capacity:
             raise ValueError("mapping is smaller than header + metadata + ring")
+        if not 0 < allocated <= capacity:
+            raise ValueError("allocated must be within (0, capacity]")
         self.mapping[META_OFFSET : META_OFFSET + meta_length] = metadata_record
         q, i = self.q, self.i
         i[STATE_I] = State.RUNNING
         i[FLAGS_I] = 0
         q[TOTAL_Q] = 0
-        q[DROPPED_Q] = 0
+        q[ALLOCATED_Q] = allocated
         q[CAPACITY_Q] = capacity
         q[STARTED_AT_Q] = started_at_us
         q[COMPLETED_AT_Q] = 0
@@ -190,6 +227,8 @@ class Header:
     def validate(self) -> None:
         """Check magic, version and that every offset stays inside the mapping.
 
+        Runs without the lock while a producer may be appending, so each field is checked
+        on its own (``capacity`` only falls, ``allocated`` and ``total`` only rise).
         Raises :class:`CorruptSegment`; after it the header is unusable (call release).
         A segment whose creator has not finished (no magic yet) is reported the same way.
         """
@@ -209,18 +248,18 @@ class Header:
             raise CorruptSegment("metadata overlaps the ring")
         if capacity == 0 or ring_offset + capacity > size:
             raise CorruptSegment("ring extends past the end of the segment")
+        if ring_offset + self.q[ALLOCATED_Q] > size:
+            raise CorruptSegment("allocated ring extends past the end of the segment")
         if self.i[STATE_I] not in State._value2member_map_:
             raise CorruptSegment(f"unknown state {self.i[STATE_I]}")
-        total, dropped = self.q[TOTAL_Q], self.q[DROPPED_Q]
-        if dropped > total or total - dropped > capacity:
-            raise CorruptSegment("total/dropped do not describe a ring of this capacity")
         self._bind_ring()
 
     def _bind_ring(self) -> None:
+        # The view spans the whole file (the largest capacity the ring ever had); only
+        # its first ``allocated`` bytes have pages, and only bytes below ``total`` are read.
         self.meta_length = self.i[META_LENGTH_I]
         self.ring_offset = self.i[RING_OFFSET_I]
-        self.capacity = self.q[CAPACITY_Q]
-        self.ring = memoryview(self.mapping)[self.ring_offset : self.ring_offset + self.capacity]
+        self.ring = memoryview(self.mapping)[self.ring_offset :]
 
     def metadata(self) -> dict:
         record = bytes(self.mapping[META_OFFSET : META_OFFSET + self.meta_length])
@@ -246,8 +285,18 @@ class Header:
         return self.q[TOTAL_Q]
 
     @property
+    def allocated(self) -> int:
+        return self.q[ALLOCATED_Q]
+
+    @property
+    def capacity(self) -> int:
+        return self.q[CAPACITY_Q]
+
+    @property
     def dropped(self) -> int:
-        return self.q[DROPPED_Q]
+        """Derived from ``total`` and ``capacity``: read it under the lock."""
+        total, capacity = self.q[TOTAL_Q], self.q[CAPACITY_Q]
+        return total - capacity if total > capacity else 0
 
     @property
     def started_at_us(self) -> int:

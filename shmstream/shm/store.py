@@ -11,13 +11,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 
 from posix_ipc import BusyError
 
 from shmstream.shm import layout, segment, waiter
-from shmstream.shm.layout import FLAG_CANCEL, CorruptSegment
+from shmstream.shm.layout import FLAG_CANCEL, FLAG_RING_CAPPED, CorruptSegment
+from shmstream.shm.quota import Quota, pages
 from shmstream.shm.sync import (
     STUCK_LOCK_TIMEOUT,
     CurrentPid,
@@ -54,7 +55,8 @@ _RUNNING = State.RUNNING
 _STATE_I = layout.STATE_I
 _FLAGS_I = layout.FLAGS_I
 _TOTAL_Q = layout.TOTAL_Q
-_DROPPED_Q = layout.DROPPED_Q
+_ALLOCATED_Q = layout.ALLOCATED_Q
+_CAPACITY_Q = layout.CAPACITY_Q
 _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
@@ -64,14 +66,16 @@ _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
 class ShmSession(Session):
     """A handle on one mapped segment. Not thread-safe: one handle per thread."""
 
-    def __init__(self, seg: segment.Segment, conversation_id: str):
+    def __init__(self, seg: segment.Segment, conversation_id: str,
+                 may_grow: Callable[[int], int] | None = None):
         self.conversation_id = conversation_id
         self.segment = seg
+        self._may_grow = may_grow  # extra bytes -> how many the quota lets the ring grow
         header = seg.header
         self._q = header.q
         self._i = header.i
         self._ring = header.ring
-        self._capacity = header.capacity
+        self._at_cap = False  # allocated reached capacity: never grows again
         self._lock = seg.lock
         self._semaphore = seg.semaphore
         self._lock_check_interval = seg.lock.check_interval
@@ -99,8 +103,10 @@ class ShmSession(Session):
         try:
             if i[_STATE_I] != _RUNNING:
                 return False
-            capacity = self._capacity
             total = q[_TOTAL_Q]
+            if not self._at_cap and total + length > q[_ALLOCATED_Q]:
+                self._make_room(total + length)
+            capacity = q[_CAPACITY_Q]
             position = total % capacity
             end = position + length
             if end <= capacity:
@@ -109,8 +115,6 @@ class ShmSession(Session):
             else:
                 total = ring.write(self._ring, capacity, total, data)
             q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
-            if total > capacity:
-                q[_DROPPED_Q] = total - capacity
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
             if waiters:
@@ -121,6 +125,16 @@ class ShmSession(Session):
         if waiters:
             self._doorbell.ring()
         return True
+
+    def _make_room(self, needed: int) -> None:
+        """Lock held: grow the ring for bytes up to ``needed``, or cap it (Segment.make_room);
+        a capped session streams on inside the ring it has, dropping from the front."""
+        reason = self.segment.make_room(needed, self._may_grow)
+        if reason is not None:
+            log.warning("session id=%s: ring capped at %d bytes, it cannot grow (%s); it "
+                        "keeps streaming, dropping its oldest bytes",
+                        segment.short_hash(self.conversation_id), self._q[_CAPACITY_Q], reason)
+        self._at_cap = self._q[_ALLOCATED_Q] >= self._q[_CAPACITY_Q]
 
     def _finish(self, state: State, cancel: bool) -> bool:
         if state is _RUNNING:
@@ -151,10 +165,12 @@ class ShmSession(Session):
     # --- reading --------------------------------------------------------------------------
     def info(self) -> SessionInfo:
         header = self.segment.header
-        with self._lock:
+        with self._lock:  # fields read together, never combined with unlocked reads
             state = header.state
             total = header.total
-            dropped = header.dropped
+            capacity = header.capacity
+            allocated = header.allocated
+            capped = bool(header.flags & FLAG_RING_CAPPED)
             started = header.started_at_us
             completed = header.completed_at_us
             pid = header.producer_pid
@@ -164,19 +180,21 @@ class ShmSession(Session):
             conversation_id=self.conversation_id,
             state=state,
             total_bytes=total,
-            dropped_bytes=dropped,
-            capacity=header.capacity,
+            dropped_bytes=ring.dropped_for(total, capacity),
+            capacity=capacity,
             started_at=started / 1e6,
             completed_at=completed / 1e6,
             producer_pid=pid,
             producer_alive=process_alive(pid, start_time),
             waiters=waiters,
             metadata=header.metadata(),
+            allocated_bytes=pages(header.ring_offset + allocated),
+            ring_capped=capped,
         )
 
     def reopen(self) -> ShmSession:
         # The mapping stays valid after the name is unlinked (replace, evict): share it.
-        return ShmSession(self.segment.retain(), self.conversation_id)
+        return ShmSession(self.segment.retain(), self.conversation_id, self._may_grow)
 
     def lifecycle(self, timeout: float = STUCK_LOCK_TIMEOUT) -> tuple[State, int, int, int]:
         """(state, completed_at_us, producer pid, producer start time), read together under
@@ -195,7 +213,7 @@ class ShmSession(Session):
         try:
             total = q[_TOTAL_Q]
             finished = i[_STATE_I] != _RUNNING
-            chunk = ring.read(self._ring, self._capacity, total, offset, limit)
+            chunk = ring.read(self._ring, q[_CAPACITY_Q], total, offset, limit)
             if not chunk and not finished:
                 # The ticket matches this `total`: any later publish moves the word.
                 self._ticket = i[_FUTEX_I]
@@ -286,6 +304,8 @@ class ShmStore(SessionStore):
         self.max_sessions = max_sessions
         self.max_shm_bytes = max_shm_bytes
         self._registry_lock = segment.registry_lock_path(namespace)
+        self._quota = Quota(self.namespace, max_sessions, max_shm_bytes, capacity)
+        self._may_grow = None if max_shm_bytes is None else self._quota.allows_growth
 
     def __repr__(self) -> str:
         return f"ShmStore(namespace={self.namespace!r}, capacity={self.capacity})"
@@ -297,14 +317,14 @@ class ShmStore(SessionStore):
         pid = os.getpid()
         with flocked(self._registry_lock):
             replaced = self._retire(name, cancel=True)
-            self._check_quota(conversation_id)
+            self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=self.capacity, metadata=record,
                 started_at_us=now_us(), producer_pid=pid, producer_start=process_start_time(pid),
             )
         log.info("session created id=%s replaced=%s", segment.short_hash(conversation_id),
                  "yes" if replaced else "no")
-        session = ShmSession(seg, conversation_id)
+        session = ShmSession(seg, conversation_id, self._may_grow)
         session.replaced = replaced
         return session
 
@@ -346,7 +366,7 @@ class ShmStore(SessionStore):
         name = segment.segment_name(self.namespace, conversation_id)
         with flocked(self._registry_lock):
             self._retire(name, cancel=True)
-            self._check_quota(conversation_id)
+            self._quota.check_creation(conversation_id)
             seg = segment.create(
                 self.namespace, conversation_id, capacity=capacity, metadata=record,
                 started_at_us=started_at_us, producer_pid=0, producer_start=0,
@@ -354,34 +374,20 @@ class ShmStore(SessionStore):
             try:
                 q, i = seg.header.q, seg.header.i
                 with seg.lock:  # filled before the registry lock lets anyone open it
+                    try:
+                        seg.grow(min(total, capacity))
+                    except OSError as exc:
+                        raise StoreUnavailable(f"no room in {segment.SHM_DIR} to restore "
+                                               f"{len(data)} bytes ({exc.strerror})") from None
                     q[_TOTAL_Q] = ring.write(seg.header.ring, capacity, dropped, data)
-                    q[_DROPPED_Q] = dropped
                     q[_COMPLETED_AT_Q] = completed_at_us
                     i[_STATE_I] = state
             except BaseException:
                 seg.close()
-                segment.unlink(name)
+                segment.retire(self.namespace, name)
                 raise
         log.info("session restored id=%s", segment.short_hash(conversation_id))
-        return ShmSession(seg, conversation_id)
-
-    def _check_quota(self, conversation_id: str) -> None:
-        if self.max_sessions is None and self.max_shm_bytes is None:
-            return
-        names = segment.list_names(self.namespace)
-        if self.max_sessions is not None and len(names) >= self.max_sessions:
-            raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
-        if self.max_shm_bytes is not None:
-            used = 0
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):
-                    used += os.stat(os.path.join(segment.SHM_DIR, name)).st_size
-            record = layout.encode_metadata({"id": conversation_id})
-            needed = layout.segment_size(len(record) + 64, self.capacity)
-            if used + needed > self.max_shm_bytes:
-                raise StoreUnavailable(
-                    f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
-                )
+        return ShmSession(seg, conversation_id, self._may_grow)
 
     def _retire(self, name: str, cancel: bool) -> bool:
         """Finalize and unlink whatever lives at ``name``. Registry lock held exclusively.
@@ -393,7 +399,7 @@ class ShmStore(SessionStore):
             seg = segment.open_segment(self.namespace, name)
         except CorruptSegment as exc:
             log.warning("removing unusable segment %s: %s", name, exc)
-            segment.unlink(name)
+            segment.retire(self.namespace, name)
             return False
         if seg is None:
             return False
@@ -404,8 +410,8 @@ class ShmStore(SessionStore):
             else:
                 session.finalize(State.DONE)
         finally:
-            segment.unlink(name)
-            session.close()
+            session.close()  # first: our own mapping would keep it "in use"
+            segment.retire(self.namespace, name)
         return True
 
     # --- finding --------------------------------------------------------------------------
@@ -429,7 +435,7 @@ class ShmStore(SessionStore):
                                            and stored != conversation_id):
             seg.close()  # a hash collision or a foreign record: not this session
             return None
-        return ShmSession(seg, stored)
+        return ShmSession(seg, stored, self._may_grow)
 
     def get(self, conversation_id: str) -> ShmSession | None:
         name = segment.segment_name(self.namespace, conversation_id)
@@ -462,7 +468,11 @@ class ShmStore(SessionStore):
             requested.append(conversation_id)
         if not requested:
             return []
-        names = [n for n in segment.list_names(self.namespace) if segment.prefix_of(n) in prefixes]
+        # The index, not a listing of /dev/shm: a few entries per prefix, whatever the
+        # number of sessions; exact ids by name too (a creator may have died unindexed).
+        names = sorted({name for prefix in prefixes
+                        for name in segment.indexed_names(self.namespace, prefix)}
+                       | {segment.segment_name(self.namespace, rid) for rid in requested})
         return [
             info for info in self._infos(names)
             if any(matches_lookup(info.conversation_id, rid) for rid in requested)
@@ -487,40 +497,56 @@ class ShmStore(SessionStore):
     def gc(self, now: float | None = None) -> GCReport:
         """One pass: expire, reap dead producers, free dead holders' locks, drop debris.
 
-        Runs under the registry lock (exclusive), so nothing is created meanwhile and an
-        unfinished segment can only be a dead creator's.
+        Each segment is looked at under the registry lock (exclusive), so an unfinished
+        segment can only be a dead creator's. The lock is taken per segment, not per pass:
+        a pass over 10,000 sessions takes seconds, and every get() would wait that long.
         """
         now = time.time() if now is None else now
         cutoff_us = int((now - self.ttl) * 1e6)
         report = GCReport()
+        for name in segment.list_names(self.namespace):
+            with flocked(self._registry_lock):
+                self._gc_one(name, cutoff_us, report)
         with flocked(self._registry_lock):
-            for name in segment.list_names(self.namespace):
-                try:
-                    seg = segment.open_segment(self.namespace, name)
-                except CorruptSegment as exc:
-                    if exc.unfinished:
-                        log.warning("gc: removing unfinished segment %s: %s", name, exc)
-                        segment.unlink(name)
-                        report.corrupt_removed += 1
-                    continue
-                if seg is None:
-                    continue
-                session = ShmSession(seg, "")
-                try:
-                    self._collect(session, name, cutoff_us, report)
-                except LockTimeout:
-                    # Nobody can use this session again; its readers time out too.
-                    log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
-                    segment.unlink(name)
-                    report.corrupt_removed += 1
-                finally:
-                    session.close()
             for name in segment.list_orphan_semaphores(self.namespace):
                 segment.unlink(name)
                 report.corrupt_removed += 1
+            freed = segment.collect_retired(self.namespace)
+        if freed:
+            log.info("gc: freed %d replaced or removed segments no process maps any more",
+                     freed)
         return report
 
-    def _collect(self, session: ShmSession, name: str, cutoff_us: int, report: GCReport):
+    def _gc_one(self, name: str, cutoff_us: int, report: GCReport) -> None:
+        try:
+            seg = segment.open_segment(self.namespace, name)
+        except CorruptSegment as exc:
+            if exc.unfinished:
+                log.warning("gc: removing unfinished segment %s: %s", name, exc)
+                segment.retire(self.namespace, name)
+                report.corrupt_removed += 1
+            return
+        if seg is None:
+            return
+        if not segment.is_indexed(self.namespace, name):
+            segment.add_to_index(self.namespace, name)  # its creator died before indexing
+        session = ShmSession(seg, "")
+        remove = False
+        try:
+            remove = self._collect(session, name, cutoff_us, report)
+        except LockTimeout:
+            # Nobody can use this session again; its readers time out too.
+            log.error("gc: removing %s: its lock is stuck (holder died mid-step)", name)
+            remove = True
+            report.corrupt_removed += 1
+        finally:
+            session.close()
+        if remove:
+            segment.retire(self.namespace, name)
+
+    def _collect(self, session: ShmSession, name: str, cutoff_us: int,
+                 report: GCReport) -> bool:
+        """Reap or expire one session; True if it is to be removed (expired)."""
         if session.segment.lock.release_if_dead_owner():
             report.locks_recovered += 1
             log.warning("gc: released the lock of %s from dead pid", name)
@@ -531,13 +557,12 @@ class ShmStore(SessionStore):
                 log.warning("session aborted id=%s producer pid %d died (gc, segment %s)",
                             _id_tag(session), pid, name)
         elif state.is_terminal and completed <= cutoff_us:
-            tag = _id_tag(session)
-            segment.unlink(name)
             report.expired += 1
-            log.info("session expired id=%s state=%s ended %.0fs ago", tag, state.label,
-                     (cutoff_us - completed) / 1e6 + self.ttl)
-            return
+            log.info("session expired id=%s state=%s ended %.0fs ago", _id_tag(session),
+                     state.label, (cutoff_us - completed) / 1e6 + self.ttl)
+            return True
         report.kept += 1
+        return False
 
     def abort_producers(self, pids: Iterable[int] | None = None) -> int:
         """Finalize as ``aborted`` the running sessions whose producer process is dead
@@ -574,16 +599,13 @@ class ShmStore(SessionStore):
                 session.close()
         return aborted
 
+    def allocated_bytes(self) -> int:
+        return segment.namespace_allocated_bytes(self.namespace)
+
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""
-        removed = 0
         with flocked(self._registry_lock):
-            for name in segment.list_names(self.namespace):
-                segment.unlink(name)
-                removed += 1
-            for name in segment.list_orphan_semaphores(self.namespace):
-                segment.unlink(name)
-                removed += 1
+            removed = segment.purge(self.namespace)
         for path in (segment.recovery_lock_path(self.namespace), self._registry_lock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

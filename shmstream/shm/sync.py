@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import posix_ipc
 
+from shmstream.store.errors import StoreUnavailable
 from shmstream.store.procs import process_alive, process_start_time  # noqa: F401
 
 # --- futex doorbell -----------------------------------------------------------------------
@@ -115,7 +116,13 @@ def flocked(path: str, shared: bool = False) -> Iterator[None]:
     A fresh open per call: flock belongs to the open file description, so threads sharing
     one descriptor would not exclude each other.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # A read-only or foreign-owned /dev/shm: the store is down (503), not a crash (500).
+        if exc.errno in (errno.EROFS, errno.EACCES):
+            raise StoreUnavailable(f"cannot open {path} ({exc.strerror})") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield

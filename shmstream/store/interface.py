@@ -39,6 +39,9 @@ class SessionInfo:
     # bytes of storage the session occupies now (shm: pages allocated to its ring; Redis:
     # the ring string's size); 0 where a backend cannot tell
     allocated_bytes: int = 0
+    # shm: /dev/shm (or the quota) was full when the ring needed to grow, so its capacity
+    # was lowered to what it had (it streams on, dropping its oldest bytes)
+    ring_capped: bool = False
 
     @property
     def is_done(self) -> bool:
@@ -222,6 +225,11 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     def gc(self, now: float | None = None) -> GCReport:
         """Remove sessions finished more than ``ttl`` ago; abort those whose producer died."""
+
+    def allocated_bytes(self) -> int | None:
+        """Storage the whole store occupies now, including what its sessions' entries do
+        not show (shm: replaced segments that readers still map); None if unknown."""
+        return None
 
     def abort_producers(self, pids: Iterable[int] | None = None) -> int:
         """Finalize as ``aborted`` running sessions whose producer process on this host died

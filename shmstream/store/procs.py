@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Collection
 
 
 def process_start_time(pid: int) -> int:
@@ -39,3 +41,23 @@ def process_alive(pid: int, start_time: int = 0) -> bool:
     if fields[0] in (b"Z", b"X"):
         return False
     return not (start_time and int(fields[19]) != start_time)
+
+
+def machine_scope() -> str:
+    """What makes a pid unambiguous: this boot of this kernel and this PID namespace
+    (``<boot id>/<pid namespace inode>``), or the host name where /proc cannot tell."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{boot_id}/{namespace}"
+
+
+def producer_doomed(pid: int, start_time: int, targets: Collection[int] | None) -> bool:
+    """The ``abort_producers`` rule: with no ``targets``, a producer is aborted when its
+    process is dead (or a newer process reuses its pid); otherwise when it is one of them."""
+    if targets is None:
+        return not process_alive(pid, start_time)
+    return pid in targets

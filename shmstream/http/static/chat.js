@@ -1,5 +1,6 @@
-// shmstream chat page: one chat at a time, whose answers survive a reload, a dropped
-// connection and a second tab. It speaks the resumable-stream protocol the llama.cpp web UI
+// shmstream chat page: a list of chats kept in this browser, whose answers survive a
+// reload, a dropped connection and a second tab; answers render as markdown (marked, then
+// DOMPurify: model output never becomes live HTML); the model comes from GET /v1/models. It speaks the resumable-stream protocol the llama.cpp web UI
 // uses: POST a streamed completion with X-Conversation-Id, count the response's bytes up to
 // the last complete line, and re-attach with GET /v1/stream/<id>?from=<bytes>; find sessions
 // with POST /v1/streams/lookup; Stop is DELETE /v1/stream/<id>.
@@ -8,13 +9,18 @@
 const API_BASE = new URL("../v1/", document.baseURI); // the page lives at <root>/shmstream/
 const KEY_CURRENT = "shmstream.current"; // the current chat's id, shared by all tabs
 const KEY_API = "shmstream.apiKey";
+const KEY_INDEX = "shmstream.chats"; // [{id, title, updatedAt}], newest first
+const KEY_MODEL = "shmstream.model";
+const MAX_CHATS = 50; // older chats are forgotten (with their saved answers)
 const chatKey = (id) => `shmstream.chat.${id}`;
 
 const FINAL = new Set(["done", "cancelled", "aborted", "failed", "lost", "gone"]);
+// What the status line says: words for the person chatting, not protocol internals.
 const STATE_LABELS = {
-  idle: "idle", waiting: "waiting", running: "running", reconnecting: "reconnecting",
-  done: "done", cancelled: "cancelled", aborted: "aborted", failed: "failed",
-  lost: "offset lost", gone: "gone", key: "API key needed",
+  idle: "ready", waiting: "waiting for the model", running: "answering",
+  reconnecting: "reconnecting", done: "done", cancelled: "stopped", aborted: "interrupted",
+  failed: "failed", lost: "too old to resume", gone: "no longer on the server",
+  key: "API key needed",
 };
 const POLL_MS = 1000; // lookup while idle: another tab or browser may have started an answer
 const PENDING_TIMEOUT_MS = 30000; // a sent message whose session never appeared is gone
@@ -76,6 +82,7 @@ function save() {
   }
   try {
     localStorage.setItem(chatKey(chat.id), JSON.stringify(chat));
+    indexChat(chat);
   } catch { // quota: keep reading; only a reload would lose the unsaved part
     notice = "this browser's storage is full: the answer is not saved";
   }
@@ -86,6 +93,79 @@ function openChat(id) {
   localStorage.setItem(KEY_CURRENT, id);
   renderAll();
 }
+
+// --- the list of chats ------------------------------------------------------------------
+
+function chatIndex() {
+  try {
+    const index = JSON.parse(localStorage.getItem(KEY_INDEX));
+    return Array.isArray(index) ? index.filter((entry) => entry && entry.id) : [];
+  } catch {
+    return [];
+  }
+}
+
+function titleOf(chatRecord) {
+  const first = chatRecord.turns.find((turn) => turn.user)?.user ?? "";
+  const line = first.split("\n")[0].trim();
+  return line.length > 60 ? `${line.slice(0, 57)}...` : line || "(untitled)";
+}
+
+// Record the chat in the list (newest first); a chat without turns is not listed yet.
+function indexChat(chatRecord) {
+  if (chatRecord.turns.length === 0) return;
+  const title = titleOf(chatRecord);
+  const current = chatIndex();
+  if (current[0]?.id === chatRecord.id && current[0].title === title) return; // every chunk
+  const index = current.filter((entry) => entry.id !== chatRecord.id);
+  index.unshift({ id: chatRecord.id, title, updatedAt: Date.now() });
+  for (const forgotten of index.splice(MAX_CHATS)) localStorage.removeItem(chatKey(forgotten.id));
+  localStorage.setItem(KEY_INDEX, JSON.stringify(index));
+  renderChatList();
+}
+
+function switchChat(id) {
+  $("chats").open = false;
+  if (id === chat.id) return;
+  stopReading(); // the answer goes on on the server; switching back picks it up
+  notice = "";
+  openChat(id);
+  sync();
+}
+
+async function deleteChat(id) {
+  if (id === chat.id) {
+    const turn = chat.turns.at(-1);
+    if (turn && !isFinal(turn.answer.state)) await stop();
+    stopReading();
+  }
+  localStorage.removeItem(chatKey(id));
+  localStorage.setItem(KEY_INDEX, JSON.stringify(chatIndex().filter((e) => e.id !== id)));
+  if (id === chat.id) openChat(chatIndex()[0]?.id ?? randomId());
+  renderChatList();
+}
+
+// --- models: the upstream's GET /v1/models, the choice kept in this browser ---------------
+
+async function loadModels() {
+  let ids = [];
+  try {
+    const response = await apiFetch("models");
+    if (response.ok) {
+      const body = await response.json();
+      const entries = Array.isArray(body?.data) ? body.data : body?.models ?? [];
+      ids = entries.map((entry) => entry?.id ?? entry?.model ?? entry?.name)
+        .filter((id) => typeof id === "string" && id);
+    }
+  } catch { /* no list: the server's default model answers */ }
+  const select = $("model");
+  select.replaceChildren(...ids.map((id) => new Option(id, id)));
+  const saved = localStorage.getItem(KEY_MODEL);
+  if (saved && ids.includes(saved)) select.value = saved;
+  $("model-box").hidden = ids.length === 0;
+}
+
+const chosenModel = () => ($("model-box").hidden ? null : $("model").value || null);
 
 // --- the API ------------------------------------------------------------------------------
 
@@ -282,7 +362,7 @@ async function reattach(turn, signal, live) {
     finish(turn, session.state ?? "done");
     return null;
   }
-  notice = `resumed from byte ${answer.offset.toLocaleString()}`;
+  if (answer.offset > 0) notice = "reconnected: the answer continues";
   if (answer.state === "waiting") answer.state = "running";
   renderTurn(turn);
   const response = await apiFetch(`${streamPath()}?from=${answer.offset}`, { signal });
@@ -312,7 +392,7 @@ async function follow(turn, controller, response = null) {
         if (response instanceof Response) {
           await readBody(response, turn);
           live = true;
-          if (!isFinal(turn.answer.state)) notice = "the stream ended early; checking";
+          if (!isFinal(turn.answer.state)) notice = "the connection ended early; checking";
         }
         waitMs = response === "pending" ? 300 : null;
       } catch (error) {
@@ -322,7 +402,8 @@ async function follow(turn, controller, response = null) {
           finish(turn, "failed", error.message);
           return;
         }
-        notice = `connection lost (${error.message}); reconnecting`;
+        notice = "connection lost; reconnecting";
+        console.debug(`shmstream: ${error.message}`);
       }
       response = null;
       if (isFinal(turn.answer.state)) break;
@@ -380,7 +461,9 @@ async function send() {
     response = await apiFetch("chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", "X-Conversation-Id": chat.id },
-      body: JSON.stringify({ messages: history(turn), stream: true }),
+      body: JSON.stringify({
+        messages: history(turn), stream: true, ...(chosenModel() ? { model: chosenModel() } : {}),
+      }),
       signal: controller.signal,
     });
   } catch {
@@ -421,11 +504,11 @@ async function stop() {
   renderControls();
 }
 
-async function newChat() {
-  const turn = chat.turns.at(-1);
-  if (turn && !isFinal(turn.answer.state)) await stop();
+// A new, empty chat; the current one stays in the list (a running answer goes on on the
+// server, and switching back picks it up).
+function newChat() {
+  if (chat.turns.length === 0) return;
   stopReading();
-  localStorage.removeItem(chatKey(chat.id));
   notice = "";
   openChat(randomId());
 }
@@ -470,6 +553,8 @@ function onStorage(event) {
     sync();
   } else if (event.key === KEY_API) {
     $("api-key").value = event.newValue ?? "";
+  } else if (event.key === KEY_INDEX) {
+    renderChatList();
   }
 }
 
@@ -481,7 +566,6 @@ function renderAll() {
   const transcript = $("transcript");
   transcript.querySelectorAll(".turn").forEach((element) => element.remove());
   turnElements.clear();
-  $("chat-id").textContent = `chat ${chat.id}`;
   $("empty").hidden = chat.turns.length > 0;
   for (const turn of chat.turns) {
     const article = document.createElement("article");
@@ -500,12 +584,56 @@ function renderAll() {
   }
   renderControls();
   renderStatus();
+  renderChatList();
+}
+
+function renderChatList() {
+  const index = chatIndex();
+  if (chat && !index.some((entry) => entry.id === chat.id)) {
+    index.unshift({ id: chat.id, title: "New chat", updatedAt: Date.now() });
+  }
+  const items = index.map((entry) => {
+    const item = document.createElement("li");
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "chat-open";
+    open.textContent = entry.title;
+    open.title = `chat ${entry.id}`;
+    open.dataset.id = entry.id;
+    if (entry.id === chat?.id) open.setAttribute("aria-current", "true");
+    open.addEventListener("click", () => switchChat(entry.id));
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "chat-delete";
+    remove.textContent = "×";
+    remove.title = "Delete this chat from this browser";
+    remove.setAttribute("aria-label", `Delete chat ${entry.title}`);
+    remove.addEventListener("click", () => deleteChat(entry.id));
+    item.append(open, remove);
+    return item;
+  });
+  $("chat-list").replaceChildren(...items);
+  $("chats").querySelector("summary").textContent = `Chats (${chatIndex().length})`;
+}
+
+// Markdown to safe DOM: marked builds HTML from the model's text, DOMPurify removes every
+// script, handler and dangerous URL from it before it is inserted.
+function renderMarkdown(element, text) {
+  if (element.dataset.source === text) return; // unchanged: keep selection and scrolling
+  element.dataset.source = text;
+  if (window.marked && window.DOMPurify) {
+    element.innerHTML = window.DOMPurify.sanitize(
+      window.marked.parse(text, { gfm: true, breaks: true }),
+      { USE_PROFILES: { html: true }, FORBID_ATTR: ["style"] });
+  } else {
+    element.textContent = text; // the libraries did not load: plain text, still safe
+  }
 }
 
 function renderTurn(turn, withStatus = true) {
   const elements = turnElements.get(turn);
   if (!elements) return;
-  elements.answer.textContent = turn.answer.text;
+  renderMarkdown(elements.answer, turn.answer.text);
   elements.answer.dataset.state = turn.answer.state;
   elements.error.textContent = turn.answer.error ?? "";
   elements.error.hidden = !turn.answer.error;
@@ -524,10 +652,10 @@ function renderStatus() {
     details.push("this server needs an API key: paste it below");
   } else {
     if (!isFinal(state) && notice.startsWith("connection lost")) state = "reconnecting";
-    if (answer) details.push(`${answer.offset.toLocaleString()} bytes`);
     if (notice && !isFinal(state)) details.push(notice);
-    if (state === "lost") details.push("the server no longer holds these bytes");
-    if (state === "gone") details.push("the server no longer has this answer");
+    if (state === "lost") details.push("the server no longer holds its beginning; ask again");
+    if (state === "gone") details.push("finished answers are kept for a few minutes");
+    if (state === "aborted") details.push("the server stopped this answer; ask again");
   }
   $("status").dataset.state = state;
   $("state").textContent = STATE_LABELS[state] ?? state;
@@ -564,11 +692,23 @@ function start() {
   });
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
+  $("model").addEventListener("change", (event) => {
+    localStorage.setItem(KEY_MODEL, event.target.value);
+  });
+  if (window.DOMPurify) {
+    window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+      if (node.tagName === "A") { // links from an answer open apart from the chat
+        node.setAttribute("target", "_blank");
+        node.setAttribute("rel", "noopener noreferrer");
+      }
+    });
+  }
   window.addEventListener("storage", onStorage);
   window.addEventListener("focus", sync);
   document.addEventListener("visibilitychange", () => { if (!document.hidden) sync(); });
   setInterval(() => { if (!document.hidden) sync(); }, POLL_MS);
   openChat(localStorage.getItem(KEY_CURRENT) || randomId());
+  loadModels();
   sync();
 }
 
