@@ -132,8 +132,7 @@ class SessionWaiter:
                 finally:
                     lock.release()
                 if finished:  # every reader re-polls, reads the rest and ends
-                    self._dispatch(self._take_stale(-1))
-                    continue
+                    break  # woken below, after this thread let go of the mapping
                 self._dispatch(self._take_stale(word))
                 try:
                     with self._guard:
@@ -152,9 +151,14 @@ class SessionWaiter:
                         lock.release()
                 self._dispatch(self._take_stale(i[_FUTEX_I]))
         finally:
+            with self._guard:  # no reader can join a closed waiter: the rest are woken here
+                self.closed = True
             self.hub.forget(self)
-            self._dispatch(self._take_stale(-1))  # nothing is left; be safe
+            last = self._take_stale(-1)
+            # Unmap before the last readers wake: by the time their answers end, no mapping
+            # of ours keeps a removed session's pages (and quota) held.
             segment.close()
+            self._dispatch(last)
 
     @staticmethod
     def _dispatch(by_loop: dict) -> None:
