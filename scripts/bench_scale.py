@@ -364,6 +364,9 @@ async def load_idle(options: dict) -> dict:
         calls.append(await open_call(port, http_request(
             "POST", "/v1/chat/completions", body, {"X-Conversation-Id": conversation}),
             on_ping=on_ping))
+    deadline = time.monotonic() + 60  # the sessions exist once their callers are answered
+    while not all(c.head_done for c in calls) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     per_session = max(0, readers - sessions) // max(1, sessions)
     for index in range(sessions):
         for _ in range(per_session):

@@ -588,7 +588,8 @@ def _keeps_serving(service: Service, prefix: str, created: int) -> None:
         assert client.delete(service.url + f"/v1/stream/{prefix}1").status_code == 204
         fresh = client.post(service.url + "/v1/chat/completions", json=chat(),
                             headers={"X-Conversation-Id": f"{prefix}new"})
-        assert fresh.status_code == 200 and fresh.content.endswith(b"data: [DONE]\n\n")
+        assert fresh.status_code == 200, fresh.content[:300]
+        assert fresh.content.endswith(b"data: [DONE]\n\n"), fresh.content[-300:]
         assert client.get(service.url + "/health").status_code == 200
 
 

@@ -68,13 +68,15 @@ class SessionWaiter:
     """The waiter thread of one session in this process. Use :func:`wait` rather than this
     class; it exists on its own for tests (``waits`` counts futex waits)."""
 
-    def __init__(self, hub: WaiterHub, key: tuple, segment):
+    def __init__(self, hub: WaiterHub, key: tuple, segment, first: _Entry):
         self.hub = hub
         self.key = key
         self.segment = segment.retain()  # the mapping stays valid while the thread uses it
         self._guard = threading.Lock()
         self._changed = threading.Condition(self._guard)
-        self._entries: set[_Entry] = set()
+        # Registered before the thread starts: a thread that found no reader would exit at
+        # once (a finished session) and the next reader would start another, forever.
+        self._entries: set[_Entry] = {first}
         self.closed = False
         self.waits = 0  # futex waits armed (counted in the header's waiters field)
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -111,6 +113,8 @@ class SessionWaiter:
         try:
             finished = False
             while True:
+                # An aligned u32 read without the lock: the state never goes back to running.
+                finished = finished or i[_STATE_I] != _RUNNING
                 with self._guard:
                     if not self._entries and not finished:
                         self._changed.wait(LINGER)  # readers come back right after a wake
@@ -128,8 +132,7 @@ class SessionWaiter:
                 finally:
                     lock.release()
                 if finished:  # every reader re-polls, reads the rest and ends
-                    self._dispatch(self._take_stale(-1))
-                    continue
+                    break  # woken below, after this thread let go of the mapping
                 self._dispatch(self._take_stale(word))
                 try:
                     with self._guard:
@@ -148,9 +151,14 @@ class SessionWaiter:
                         lock.release()
                 self._dispatch(self._take_stale(i[_FUTEX_I]))
         finally:
+            with self._guard:  # no reader can join a closed waiter: the rest are woken here
+                self.closed = True
             self.hub.forget(self)
-            self._dispatch(self._take_stale(-1))  # nothing is left; be safe
+            last = self._take_stale(-1)
+            # Unmap before the last readers wake: by the time their answers end, no mapping
+            # of ours keeps a removed session's pages (and quota) held.
             segment.close()
+            self._dispatch(last)
 
     @staticmethod
     def _dispatch(by_loop: dict) -> None:
@@ -186,8 +194,8 @@ class WaiterHub:
             with self._lock:
                 waiter = self._waiters.get(key)
                 if waiter is None or waiter.closed:
-                    waiter = SessionWaiter(self, key, segment)
-                    self._waiters[key] = waiter
+                    waiter = self._waiters[key] = SessionWaiter(self, key, segment, entry)
+                    return waiter
             if waiter.add(entry):
                 return waiter
             self.forget(waiter)  # it closed between the lookup and the add

@@ -1,0 +1,85 @@
+"""shm/waiter.py on real segments: one futex waiter per session per process wakes every
+local coroutine reader; finished sessions end their waiter at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+from polling import wait_until
+
+from shmstream.shm import layout, waiter
+from shmstream.store.states import State
+
+
+def test_a_hundred_local_readers_share_one_counted_futex_waiter(shm_store):
+    producer = shm_store.create_or_replace("fan")
+    readers = [shm_store.get("fan") for _ in range(100)]
+    waiting = threading.Event()
+
+    async def read(session, out):
+        async for chunk in session.aread(0):
+            out.append(chunk)
+
+    async def main():
+        outs = [[] for _ in readers]
+        tasks = [asyncio.create_task(read(s, o)) for s, o in zip(readers, outs, strict=True)]
+        while producer.info().waiters != 1:
+            await asyncio.sleep(0.01)
+        waiting.set()
+        assert waiter.hub().waiter_count() == 1  # one thread for the session, not 100
+        for index in range(10):
+            producer.append(b"%d;" % index)
+            await asyncio.sleep(0.002)
+        producer.finalize(State.DONE)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return outs
+
+    outs = asyncio.run(main())
+    assert waiting.is_set()
+    expected = b"".join(b"%d;" % i for i in range(10))
+    assert all(b"".join(out) == expected for out in outs)
+    assert wait_until(lambda: waiter.hub().waiter_count() == 0, 5)  # finished: unmapped
+    for session in (producer, *readers):
+        session.close()
+
+
+def test_a_session_that_finishes_while_a_reader_registers_wakes_it(shm_store):
+    """The ticket a reader brings may already be stale for a session that just finished:
+    its waiter must wake it and go (it once restarted itself forever)."""
+    producer = shm_store.create_or_replace("race")
+    producer.finalize(State.DONE)
+    segment = producer.segment
+    ticket = segment.header.i[layout.FUTEX_I]  # as if taken just before the finalize
+
+    async def wait_once():
+        started = time.monotonic()
+        await waiter.hub().wait(segment, ticket, timeout=10)
+        return time.monotonic() - started
+
+    assert asyncio.run(wait_once()) < 5
+    assert wait_until(lambda: waiter.hub().waiter_count() == 0, 5)
+    producer.close()
+
+
+def test_a_cancelled_reader_leaves_no_waiter_behind(shm_store):
+    producer = shm_store.create_or_replace("cancel")
+    reader = shm_store.get("cancel")
+
+    async def main():
+        task = asyncio.create_task(anext(reader.aread(0)))
+        while producer.info().waiters != 1:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    # the waiter lingers briefly for readers that come back, then unmaps and uncounts
+    assert wait_until(lambda: waiter.hub().waiter_count() == 0, 5)
+    assert producer.info().waiters == 0
+    producer.finalize(State.DONE)
+    for session in (producer, reader):
+        session.close()
