@@ -392,7 +392,8 @@ def test_streamed_completion_becomes_a_session(harness, upstream_server):
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/chat/completions",
                                    "/v1/completions", "/completions", "/completion",
-                                   "/v1/responses", "/v1/messages", "/infill"])
+                                   "/v1/responses", "/responses", "/v1/messages",
+                                   "/infill"])
 def test_every_completion_route_makes_sessions(harness, route):
     result = harness.client.simulate_post(route, json=chat({"tag": route, "events": 2}),
                                           headers={"x-conversation-id": "r" + route})

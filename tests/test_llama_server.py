@@ -198,16 +198,8 @@ OTHER_ROUTES = {
     "/responses": {"input": "once upon a time", "max_output_tokens": 40},
     "/v1/messages": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40},
 }
-NOT_A_SESSION_ROUTE = pytest.mark.xfail(
-    strict=True,
-    reason="shmstream bug: llama-server also serves POST /responses (tools/server/server.cpp "
-           "registers it beside /v1/responses), but shmstream/http/resources.py "
-           "COMPLETION_ROUTES lacks it, so it is proxied without a session")
-
-
-@pytest.mark.parametrize("route", [
-    pytest.param(route, marks=NOT_A_SESSION_ROUTE) if route == "/responses" else route
-    for route in OTHER_ROUTES])
+# /responses too: llama-server registers it beside /v1/responses (tools/server/server.cpp)
+@pytest.mark.parametrize("route", list(OTHER_ROUTES))
 def test_every_streaming_completion_route_makes_a_replayable_session(llama_service, llama,
                                                                      route):
     conversation_id = new_id("route")

@@ -31,7 +31,7 @@ log = logging.getLogger("shmstream.http")
 
 COMPLETION_ROUTES = frozenset({
     "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-    "/completion", "/v1/responses", "/v1/messages", "/infill",
+    "/completion", "/v1/responses", "/responses", "/v1/messages", "/infill",
 })
 FAVICON_PATH = "/favicon.ico"
 SSE_TYPE = "text/event-stream"
