@@ -402,6 +402,24 @@ def test_capacity_drops_the_oldest_bytes(store_factory):
     session.close()
 
 
+def test_read_held_returns_info_with_the_oldest_held_bytes(store_factory):
+    store = store_factory(capacity=1024)
+    session = store.create_or_replace("held")
+    info, held = session.read_held()
+    assert (info.total_bytes, info.dropped_bytes, held) == (0, 0, b"")
+    stream = bytes(range(256)) * 12  # 3072 bytes: the ring wrapped twice
+    for start in range(0, len(stream), 100):
+        assert session.append(stream[start : start + 100])
+    info, held = session.read_held()
+    assert (info.total_bytes, info.dropped_bytes) == (3072, 3072 - 1024)
+    assert held == stream[-1024:]
+    info, first = session.read_held(limit=10)
+    assert first == stream[info.dropped_bytes : info.dropped_bytes + 10]
+    assert session.info().waiters == 0  # read_held never arms a wait
+    session.finalize()
+    session.close()
+
+
 def test_one_append_larger_than_capacity_keeps_its_tail(store_factory):
     store = store_factory(capacity=1024)
     session = store.create_or_replace("huge-chunk")

@@ -18,6 +18,7 @@ import msgpack
 import pytest
 
 from shmstream.cli import main as cli
+from shmstream.cli import snapshot as snapshot_module
 from shmstream.cli import tools
 from shmstream.shm import segment
 from shmstream.shm.store import ShmStore
@@ -214,7 +215,8 @@ def test_dump_while_a_producer_laps_the_ring_is_consistent(namespace, tmp_path):
 
 def test_take_snapshot_starts_over_when_lapped_between_chunks(namespace, monkeypatch):
     # Chunks smaller than the ring: the producer can drop bytes between two lock holds.
-    monkeypatch.setattr(tools, "CHUNK", 16)
+    # (take_snapshot lives in cli/snapshot.py: tools only re-exports CHUNK.)
+    monkeypatch.setattr(snapshot_module, "CHUNK", 16)
     store = ShmStore(namespace, capacity=4096)
     producer = _PatternProducer(store, "busy")
     try:

@@ -17,7 +17,7 @@ import msgpack
 
 from shmstream.cli.text import Progress, ToolError, escape, show_id
 from shmstream.store.errors import OffsetLost
-from shmstream.store.interface import Session, now_us
+from shmstream.store.interface import Session, SessionInfo, now_us
 from shmstream.store.states import State
 
 CHUNK = 1024 * 1024  # bytes copied per read while dumping, and per write
@@ -88,10 +88,9 @@ class Snapshot:
         return snapshot
 
 
-def session_fields(session: Session) -> dict:
-    """The snapshot's header fields of ``session``, from one consistent
-    :meth:`Session.info` (a backend without flags or a producer start time records 0)."""
-    info = session.info()
+def session_fields(info: SessionInfo) -> dict:
+    """The snapshot's header fields of a session, from one consistent :class:`SessionInfo`
+    (a backend without flags or a producer start time records 0)."""
     return {
         "state": info.state, "flags": getattr(info, "flags", 0), "total": info.total_bytes,
         "dropped": info.dropped_bytes, "capacity": info.capacity,
@@ -104,14 +103,17 @@ def session_fields(session: Session) -> dict:
 def take_snapshot(session: Session, progress: Progress | None = None) -> Snapshot:
     """The session's fields and held bytes, consistent with each other.
 
-    The bytes are copied a chunk per read, so a running producer is never stalled for
-    long; if it laps the copy (drops bytes not yet copied), the copy starts over from a
-    fresh header. Raises :class:`ToolError` if that keeps happening.
+    The header and the first chunk come from one :meth:`Session.read_held` (one lock hold
+    on shared memory), so a ring of up to ``CHUNK`` bytes is copied whole however fast its
+    producer laps it. A bigger ring is copied on a chunk per read, so a running producer
+    is never stalled for long; if it laps the copy (drops bytes not yet copied), the copy
+    starts over from a fresh header. Raises :class:`ToolError` if that keeps happening.
     """
     for _ in range(DUMP_RETRIES):
-        fields = session_fields(session)
         try:
-            held = _copy(session, fields["dropped"], fields["total"], progress)
+            info, first = session.read_held(CHUNK)
+            fields = session_fields(info)
+            held = _copy(session, first, fields["dropped"], fields["total"], progress)
         except OffsetLost:
             continue
         return Snapshot(conversation_id=session.conversation_id, data=held,
@@ -119,8 +121,10 @@ def take_snapshot(session: Session, progress: Progress | None = None) -> Snapsho
     raise ToolError("the producer keeps overwriting the ring faster than it can be copied")
 
 
-def _copy(session: Session, start: int, end: int, progress: Progress | None) -> bytes:
-    """The stream bytes ``[start, end)``, which must all have been appended already.
+def _copy(session: Session, first: bytes, start: int, end: int,
+          progress: Progress | None) -> bytes:
+    """The stream bytes ``[start, end)``, which must all have been appended already;
+    ``first`` holds the first of them, copied already.
 
     Stops at ``end``: it never reads ring bytes past it and never waits for more. Raises
     :class:`OffsetLost` if the producer dropped some before they were copied.
@@ -128,8 +132,13 @@ def _copy(session: Session, start: int, end: int, progress: Progress | None) -> 
     wanted = end - start
     if progress is not None:
         progress.phase("reading", wanted)
-    held = bytearray()
-    for chunk in session.read(start, limit=CHUNK, should_stop=lambda: len(held) >= wanted):
+    held = bytearray(first[:wanted])
+    if progress is not None:
+        progress.update(len(held))
+    if len(held) >= wanted:
+        return bytes(held)
+    for chunk in session.read(start + len(held), limit=CHUNK,
+                              should_stop=lambda: len(held) >= wanted):
         held.extend(chunk[: wanted - len(held)])
         if progress is not None:
             progress.update(len(held))

@@ -183,6 +183,16 @@ class ShmSession(Session):
 
     # --- reading --------------------------------------------------------------------------
     def info(self) -> SessionInfo:
+        return self._info_and_held(0)[0]
+
+    def read_held(self, limit: int | None = None) -> tuple[SessionInfo, bytes]:
+        # Header and bytes in one lock hold: a producer lapping a small ring between two
+        # holds would otherwise drop the first bytes before any were copied.
+        return self._info_and_held(limit)
+
+    def _info_and_held(self, limit: int | None) -> tuple[SessionInfo, bytes]:
+        """The session's info and its held bytes from ``dropped_bytes`` on (at most
+        ``limit``; 0 copies none), read in one lock hold."""
         header = self.segment.header
         with self._lock:  # fields read together, never combined with unlocked reads
             state = header.state
@@ -197,11 +207,14 @@ class ShmSession(Session):
             start_time = header.producer_start
             scope = header.producer_scope
             waiters = header.waiters
-        return SessionInfo(
+            held_from = _held_from(total, write_end, capacity)
+            held = b"" if limit == 0 else ring.read(self._ring, capacity, total, held_from,
+                                                     limit)
+        info = SessionInfo(
             conversation_id=self.conversation_id,
             state=state,
             total_bytes=total,
-            dropped_bytes=_held_from(total, write_end, capacity),
+            dropped_bytes=held_from,
             capacity=capacity,
             started_at=started / 1e6,
             completed_at=completed / 1e6,
@@ -213,6 +226,7 @@ class ShmSession(Session):
             allocated_bytes=pages(header.ring_offset + allocated),
             ring_capped=capped,
         )
+        return info, held
 
     def reopen(self) -> ShmSession:
         # The mapping stays valid after the name is unlinked (replace, evict): share it.

@@ -119,6 +119,23 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def info(self) -> SessionInfo: ...
 
+    def read_held(self, limit: int | None = None) -> tuple[SessionInfo, bytes]:
+        """One :meth:`info` and the held bytes from its ``dropped_bytes`` on (at most
+        ``limit``, never past its ``total_bytes``), consistent with each other: what a
+        snapshot starts from. Never waits.
+
+        Raises :class:`~shmstream.store.errors.OffsetLost` if those bytes were dropped
+        between the two reads of this default; a backend that can take both at once
+        (the shared-memory one: one lock hold) overrides it and never raises.
+        """
+        info = self.info()
+        if info.total_bytes <= info.dropped_bytes:
+            return info, b""  # nothing held: _poll would arm a wake-up nobody sleeps on
+        wanted = info.total_bytes - info.dropped_bytes
+        chunk, _finished = self._poll(info.dropped_bytes,
+                                      wanted if limit is None else min(limit, wanted))
+        return info, chunk
+
     @abc.abstractmethod
     def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
         """Bytes from ``offset`` (maybe empty) and whether the session finished.
