@@ -147,7 +147,7 @@ class RedisStore(SessionStore):
         self.lease = lease
         self.retire_grace = retire_grace
         self._redis = client
-        self._health = Health(_describe(client))
+        self._where = _describe(client)
         self._prefix = f"shmstream:{{{namespace}}}:"
         self._scripts = scripts.register(client)
         self._hot = HotPath(client.connection_pool)
@@ -170,6 +170,11 @@ class RedisStore(SessionStore):
         store = cls(client_for_url(url), **options)
         store._url = url
         return store
+
+    @property
+    def _health(self) -> Health:
+        # Per process, not per store: a store that survives a fork reports for its child.
+        return Health.for_process(self._where)
 
     def __repr__(self) -> str:
         return f"RedisStore(namespace={self.namespace!r}, capacity={self.capacity})"
