@@ -204,7 +204,7 @@ class RedisStore(SessionStore):
             if self._closed:
                 raise RuntimeError("the store is closed")
             if self._notifier_obj is None:
-                self._notifier_obj = Notifier(self._redis.connection_pool)
+                self._notifier_obj = Notifier(self._redis.connection_pool, self._health)
             return self._notifier_obj
 
     def _current_notifier(self) -> Notifier | None:
@@ -217,7 +217,7 @@ class RedisStore(SessionStore):
                 raise RuntimeError("the store is closed")
             if self._keeper_obj is None:
                 self._keeper_obj = LeaseKeeper(self._scripts["renew"], self._prefix,
-                                               self.lease)
+                                               self.lease, self._health)
             return self._keeper_obj
 
     def _keeper_discard(self, gen: str) -> None:
