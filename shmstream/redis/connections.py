@@ -80,7 +80,10 @@ class Health:
     one when it is back, however many objects notice. The lines are the process's only
     report of the outage: the :class:`StoreUnavailable` raised say so (``logged``)."""
 
-    _shared: dict[tuple[int, str], Health] = {}
+    # Weak: the state lives as long as something of the process uses it (a store holds it),
+    # so a Redis that a later store in the same process reaches again starts afresh.
+    _shared: weakref.WeakValueDictionary[tuple[int, str], Health] = \
+        weakref.WeakValueDictionary()
     _shared_lock = threading.Lock()
 
     def __init__(self, where: str):

@@ -148,6 +148,7 @@ class RedisStore(SessionStore):
         self.retire_grace = retire_grace
         self._redis = client
         self._where = _describe(client)
+        self._health_of: tuple[int, Health] = (os.getpid(), Health.for_process(self._where))
         self._prefix = f"shmstream:{{{namespace}}}:"
         self._scripts = scripts.register(client)
         self._hot = HotPath(client.connection_pool)
@@ -174,7 +175,10 @@ class RedisStore(SessionStore):
     @property
     def _health(self) -> Health:
         # Per process, not per store: a store that survives a fork reports for its child.
-        return Health.for_process(self._where)
+        pid, health = self._health_of
+        if pid != os.getpid():
+            self._health_of = pid, health = os.getpid(), Health.for_process(self._where)
+        return health
 
     def __repr__(self) -> str:
         return f"RedisStore(namespace={self.namespace!r}, capacity={self.capacity})"
