@@ -295,9 +295,6 @@ def test_the_repository_gunicorn_conf_refuses_the_same_way(namespace, env, needl
 
 
 @pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed")
-@pytest.mark.xfail(strict=True, reason="needs the redis branch: redis-py's ConnectionError "
-                   "mapped to StoreUnavailable (until then these answer 500); remove this "
-                   "mark when it is merged")
 def test_while_the_store_is_down_requests_get_503_unavailable(namespace, tmp_path):
     port = free_port()
     redis_process = _start_redis(port, str(tmp_path))
@@ -314,6 +311,10 @@ def test_while_the_store_is_down_requests_get_503_unavailable(namespace, tmp_pat
             for answer in answers:
                 assert answer.status_code == 503, answer.text
                 assert answer.json()["error"]["type"] == "unavailable_error"
+                # The store's outage, not a quota or a full store.
+                assert "session store unavailable" in answer.json()["error"]["message"]
+            # Answered, not crashed: no traceback in any process for these requests.
+            assert "Traceback" not in service.log(), service.log()
     finally:
         redis_process.terminate()
         redis_process.wait(10)

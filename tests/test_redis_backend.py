@@ -884,3 +884,32 @@ def test_a_full_redis_answers_store_unavailable(namespace):
             store.purge()
         finally:
             store.close()
+
+
+def test_one_process_logs_an_outage_once_however_many_stores_notice(namespace, caplog):
+    # The HTTP worker's store, a session's calls and the pub/sub listener share one
+    # Health per process: an operator reads one line per change, not one per object.
+    from shmstream.store.errors import StoreUnavailable
+
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    stores = [RedisStore.from_url(url, namespace=namespace) for _ in range(3)]
+    try:
+        with caplog.at_level("INFO", logger="shmstream.redis"):
+            for store in stores * 2:
+                with pytest.raises(StoreUnavailable) as raised:
+                    store.lookup(["down"])
+                assert raised.value.logged  # so the supervisor does not log it again
+        logged = [r.getMessage() for r in caplog.records if r.name == "shmstream.redis"]
+        assert sum("is unavailable" in line for line in logged) == 1, logged
+        assert sum("session store unavailable" in line for line in logged) == 1, logged
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound, never listening: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

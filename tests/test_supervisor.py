@@ -131,3 +131,49 @@ def test_supervisor_process_handle_restarts_a_killed_supervisor(namespace):
     finally:
         handle.stop()
     assert not handle.alive()
+
+
+class _FlakyStore:
+    """A store double whose passes fail with ``error`` until ``error`` is set to None."""
+
+    def __init__(self, error: Exception | None):
+        self.error = error
+
+    def abort_producers(self, pids=None) -> int:
+        if self.error is not None:
+            raise self.error
+        return 0
+
+    def gc(self):
+        raise AssertionError("not reached: gc_interval is an hour and next_gc is set")
+
+
+def _outage_lines(error: Exception, caplog) -> list[str]:
+    store = _FlakyStore(error)
+    supervisor = Supervisor(store, gc_interval=3600)
+    supervisor.next_gc = float("inf")
+    with caplog.at_level("INFO", logger="shmstream.serve.supervisor"):
+        for _ in range(5):
+            supervisor.run_once()
+        store.error = None
+        for _ in range(3):
+            supervisor.run_once()
+    assert supervisor.failing is None  # recovered by itself
+    return [r.getMessage() for r in caplog.records if r.name == "shmstream.serve.supervisor"]
+
+
+def test_supervisor_logs_an_outage_the_store_did_not_log_once_each_way(caplog):
+    from shmstream.store.errors import StoreUnavailable
+
+    lines = _outage_lines(StoreUnavailable("cannot open /dev/shm/x (EACCES)"), caplog)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("store unavailable: cannot open") and "again" in lines[1]
+    assert not any(r.exc_info for r in caplog.records)  # a known outage: no traceback
+
+
+def test_supervisor_stays_quiet_on_an_outage_the_store_logged_itself(caplog):
+    from shmstream.store.errors import StoreUnavailable
+
+    error = StoreUnavailable("session store unavailable: Redis at 127.0.0.1:1: refused")
+    error.logged = True  # what the Redis backend's Health raises (it logged the change)
+    assert _outage_lines(error, caplog) == []

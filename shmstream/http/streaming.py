@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from shmstream import metrics
-from shmstream.store.errors import OffsetLost
+from shmstream.store.errors import OffsetLost, StoreUnavailable
 from shmstream.store.interface import Session
 
 LINK_KEY = "shmstream.client"
@@ -146,12 +146,15 @@ class ClientBoundStream:
 async def session_chunks(session: Session, offset: int, wake_interval: float
                          ) -> AsyncIterator[bytes]:
     """The session from ``offset``, live; ends quietly when the reader is lapped (the
-    client re-attaches and gets the ``offset lost`` answer)."""
+    client re-attaches and gets the ``offset lost`` answer) or the store goes away (the
+    store logged that once for the process; a re-attach gets 503 until it is back)."""
     try:
         async for chunk in session.aread(offset, wake_interval=wake_interval):
             yield chunk
     except OffsetLost:
         metrics.offset_lost("lapped")
+    except StoreUnavailable:
+        pass
 
 
 def session_body(session: Session, offset: int, link: ClientLink | None,

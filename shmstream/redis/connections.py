@@ -73,26 +73,53 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 class Health:
-    """Whether the last store call reached Redis; logs each change once (down, back)."""
+    """Whether the last store call reached Redis; logs each change once (down, back).
+
+    One per process and Redis (:meth:`for_process`): every store, session and the pub/sub
+    listener of a process share it, so a process logs one line when Redis goes away and
+    one when it is back, however many objects notice. The lines are the process's only
+    report of the outage: the :class:`StoreUnavailable` raised say so (``logged``)."""
+
+    # Weak: the state lives as long as something of the process uses it (a store holds it),
+    # so a Redis that a later store in the same process reaches again starts afresh.
+    _shared: weakref.WeakValueDictionary[tuple[int, str], Health] = \
+        weakref.WeakValueDictionary()
+    _shared_lock = threading.Lock()
 
     def __init__(self, where: str):
         self.where = where
         self.down = False
+        self._since = 0.0
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_process(cls, where: str) -> Health:
+        """This process's Health for Redis at ``where`` (a forked child gets its own)."""
+        key = (os.getpid(), where)
+        with cls._shared_lock:
+            health = cls._shared.get(key)
+            if health is None:
+                health = cls._shared[key] = cls(where)
+            return health
 
     def failed(self, exc: BaseException) -> StoreUnavailable:
         with self._lock:
             changed, self.down = not self.down, True
+            if changed:
+                self._since = time.monotonic()
         if changed:
-            log.error("redis at %s is unavailable (%s); store calls answer 503 until it "
-                      "is back", self.where, exc)
-        return StoreUnavailable(f"session store unavailable: Redis at {self.where}: {exc}")
+            log.error("redis at %s is unavailable (%s): session store unavailable, its "
+                      "calls answer 503 until it is back", self.where, exc)
+        error = StoreUnavailable(f"session store unavailable: Redis at {self.where}: {exc}")
+        error.logged = True
+        return error
 
     def succeeded(self) -> None:
         with self._lock:
             changed, self.down = self.down, False
         if changed:
-            log.warning("redis at %s is reachable again", self.where)
+            log.warning("redis at %s is reachable again after %.1f s: session store "
+                        "available again", self.where, time.monotonic() - self._since)
 
 
 def store_call(method):

@@ -14,6 +14,7 @@ import threading
 
 import redis
 
+from shmstream.redis.connections import Health, is_unavailable
 from shmstream.redis.notifier import Watch
 from shmstream.store.procs import machine_scope, process_start_time
 
@@ -42,7 +43,8 @@ class LeaseKeeper:
     watches, a fallback for a cancel message lost while pub/sub was down.
     """
 
-    def __init__(self, renew_script, prefix: str, lease: float):
+    def __init__(self, renew_script, prefix: str, lease: float, health: Health):
+        self._health = health  # an outage is this process's one line (down, back), not ours
         self._renew = renew_script
         self._prefix = prefix
         self._lease_ms = str(int(lease * 1000))
@@ -79,11 +81,16 @@ class LeaseKeeper:
             try:
                 answers = self._renew(args=[self._prefix, self._lease_ms, *gens])
             except redis.RedisError as exc:
+                if is_unavailable(exc):
+                    self._health.failed(exc)
+                    continue
                 if not failing:
                     log.warning("lease renewal failed (%s); retrying every %.1f s", exc,
                                 self._interval)
                 failing = True
                 continue
+            if self._health.down:
+                self._health.succeeded()
             if failing:
                 failing = False
                 log.warning("lease renewal works again")

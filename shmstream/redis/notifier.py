@@ -26,6 +26,7 @@ import time
 import redis
 
 from shmstream.redis import _redis_internals
+from shmstream.redis.connections import Health
 
 log = logging.getLogger("shmstream.redis")
 
@@ -160,8 +161,9 @@ class Notifier:
 
     IDLE_UNSUBSCRIBE = 5.0  # seconds an unreferenced live watch stays subscribed for reuse
 
-    def __init__(self, pool: redis.ConnectionPool):
+    def __init__(self, pool: redis.ConnectionPool, health: Health):
         self._pool = pool
+        self._health = health  # an outage is this process's one line (down, back), not ours
         # Reentrant: a handle's __del__ (which releases) may run in any thread, this one too.
         self._lock = threading.RLock()
         self._watches: dict[bytes, Watch] = {}
@@ -244,14 +246,15 @@ class Notifier:
 
     def _run(self) -> None:
         backoff = 0.05
-        lost = False  # log one line when the connection goes and one when it is back
+        lost = False  # the connection went: readers re-check once it is back
         while not self._stopping:
             try:
                 conn = self._connect()
                 backoff = 0.05
                 if lost:
                     lost = False
-                    log.warning("redis pub/sub connection restored; readers re-check")
+                    log.debug("redis pub/sub connection restored; readers re-check")
+                    self._health.succeeded()
                 while not self._stopping:
                     if conn.can_read(timeout=1.0):
                         self._dispatch(conn.read_response(disconnect_on_error=False))
@@ -260,8 +263,11 @@ class Notifier:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 if self._stopping:
                     break
-                if not lost:
-                    log.warning("redis pub/sub connection down (%s); reconnecting", exc)
+                # A lost connection alone (Redis closing idle clients) is no outage: the
+                # next connect tells, and only a failed one is logged, once per process.
+                if lost:
+                    self._health.failed(exc)
+                log.debug("redis pub/sub connection down (%s); reconnecting", exc)
                 lost = True
             except Exception:  # keep waking readers whatever happens; they fall back to polls
                 log.exception("redis pub/sub listener failed; reconnecting")

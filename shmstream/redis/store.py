@@ -147,7 +147,8 @@ class RedisStore(SessionStore):
         self.lease = lease
         self.retire_grace = retire_grace
         self._redis = client
-        self._health = Health(_describe(client))
+        self._where = _describe(client)
+        self._health_of: tuple[int, Health] = (os.getpid(), Health.for_process(self._where))
         self._prefix = f"shmstream:{{{namespace}}}:"
         self._scripts = scripts.register(client)
         self._hot = HotPath(client.connection_pool)
@@ -170,6 +171,14 @@ class RedisStore(SessionStore):
         store = cls(client_for_url(url), **options)
         store._url = url
         return store
+
+    @property
+    def _health(self) -> Health:
+        # Per process, not per store: a store that survives a fork reports for its child.
+        pid, health = self._health_of
+        if pid != os.getpid():
+            self._health_of = pid, health = os.getpid(), Health.for_process(self._where)
+        return health
 
     def __repr__(self) -> str:
         return f"RedisStore(namespace={self.namespace!r}, capacity={self.capacity})"
@@ -199,7 +208,7 @@ class RedisStore(SessionStore):
             if self._closed:
                 raise RuntimeError("the store is closed")
             if self._notifier_obj is None:
-                self._notifier_obj = Notifier(self._redis.connection_pool)
+                self._notifier_obj = Notifier(self._redis.connection_pool, self._health)
             return self._notifier_obj
 
     def _current_notifier(self) -> Notifier | None:
@@ -212,7 +221,7 @@ class RedisStore(SessionStore):
                 raise RuntimeError("the store is closed")
             if self._keeper_obj is None:
                 self._keeper_obj = LeaseKeeper(self._scripts["renew"], self._prefix,
-                                               self.lease)
+                                               self.lease, self._health)
             return self._keeper_obj
 
     def _keeper_discard(self, gen: str) -> None:

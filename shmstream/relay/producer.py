@@ -35,6 +35,7 @@ from shmstream.relay.upstream import (
     error_object,
     response_headers,
 )
+from shmstream.store.errors import StoreUnavailable
 from shmstream.store.ids import short_hash
 from shmstream.store.interface import Session
 from shmstream.store.states import State
@@ -98,6 +99,7 @@ class Producer:
         self.final_state: State | None = None
         self.task: asyncio.Task | None = None
         self.ended = False  # the upstream's last byte is in: no ping from now on
+        self._store_lost = False  # "store-lost" was logged for this session (once)
         self.open = True  # the session handle is usable
         self.stop_reason: str | None = None  # why the task was cancelled from outside
         self._on_answer = on_answer
@@ -150,6 +152,11 @@ class Producer:
         self.append(prefix + error_event(error))
         self.ended = True
 
+    def _lost_store(self, exc: StoreUnavailable) -> None:
+        if not self._store_lost:
+            self._store_lost = True
+            log.warning("session store-lost id=%s error=%r", self.log_id, exc.message)
+
     def _stopped(self) -> bool:
         return self.stop_reason is not None or self.session.producer_should_stop
 
@@ -194,6 +201,10 @@ class Producer:
             state = State.CANCELLED if self.stop_reason != "abort" else State.ABORTED
             # Finish below, then let the cancellation through.
             raise
+        except StoreUnavailable as exc:
+            # The store went away under a running answer; the outage itself is logged once
+            # per process by the store: say which session it cost, with no traceback.
+            self._lost_store(exc)
         except Exception:
             log.exception("session producer-crashed id=%s", self.log_id)
             self._append_error(error_object(500, "Internal server error", "server_error"))
@@ -216,6 +227,8 @@ class Producer:
                 self.final_state = state
             else:
                 self.final_state = self.session.info().state
+        except StoreUnavailable as exc:
+            self._lost_store(exc)
         except Exception:
             log.exception("session finalize-failed id=%s", self.log_id)
         finally:

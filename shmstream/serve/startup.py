@@ -9,7 +9,9 @@ answered with 503 while it is down, and the service recovers by itself).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import socket
 
 from shmstream.backends import open_store
@@ -56,12 +58,26 @@ def check_store(settings: Settings) -> None:
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     try:
-        store.lookup([PROBE_ID])
+        with _store_logs_silenced():
+            store.lookup([PROBE_ID])
     except Exception as exc:  # any backend, any failure: the operator gets one line
         detail = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
         raise StartupError(f"the session store ({backend}) does not answer: {detail}") from None
     finally:
         store.close()
+
+
+@contextlib.contextmanager
+def _store_logs_silenced():
+    """No log records while the probe runs: a backend that logs its own outage (Redis, once
+    per process) would print a second line before the refusal that says the same thing.
+    Process-wide, which is harmless here: nothing else runs yet while the service starts."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def check_bind(address: str) -> None:

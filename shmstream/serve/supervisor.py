@@ -48,6 +48,7 @@ class Supervisor:
         self.alive = True
         self.next_gc = 0.0  # collect at once on start: leftovers of a previous run
         self.failing: float | None = None  # monotonic time the current outage started
+        self.reported_failure = False  # whether this supervisor logged that outage itself
 
     # --- signals: enqueue only ---------------------------------------------------------
     def init_signals(self) -> None:
@@ -86,14 +87,21 @@ class Supervisor:
                 self.next_gc = time.monotonic() + self.gc_interval
         except Exception as exc:
             if self.failing is None:
-                detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-                # A known outage is one line; anything else shows its traceback, once.
-                log.error("store unavailable: %s; retrying every %.1f s", detail,
-                          self.reap_interval, exc_info=not isinstance(exc, StoreUnavailable))
                 self.failing = time.monotonic()
+                # A store that logs its own outages (``logged``: the Redis backend, once
+                # per process) has said it: a second line would say the same thing.
+                self.reported_failure = not getattr(exc, "logged", False)
+                if self.reported_failure:
+                    detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                    # A known outage is one line; anything else shows its traceback, once.
+                    log.error("store unavailable: %s; retrying every %.1f s", detail,
+                              self.reap_interval,
+                              exc_info=not isinstance(exc, StoreUnavailable))
             return
         if self.failing is not None:
-            log.warning("store available again after %.1f s", time.monotonic() - self.failing)
+            if self.reported_failure:
+                log.warning("store available again after %.1f s",
+                            time.monotonic() - self.failing)
             self.failing = None
 
     def wait(self, timeout: float) -> None:

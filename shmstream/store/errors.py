@@ -67,3 +67,6 @@ class StoreUnavailable(ShmstreamError):
     status = 503
     error_type = "unavailable_error"
     default_message = "Session store is full"
+    # True when the store has already logged this outage itself (once per process, when it
+    # began): callers then stay quiet instead of logging a second line for the same change.
+    logged = False
