@@ -3,10 +3,13 @@ relay producer) over a private 4 MiB tmpfs: the answer streams on, no worker die
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 
 import httpx
 import pytest
+from polling import wait_until
 from sse_upstream import expected_body
 from test_hardening_http import (  # noqa: F401 - own_service is a fixture
     AUTH,
@@ -18,6 +21,8 @@ from test_hardening_http import (  # noqa: F401 - own_service is a fixture
     own_service,
     parse_metrics,
 )
+
+from shmstream.shm import segment
 
 
 @pytest.mark.timeout(180)
@@ -55,3 +60,25 @@ def test_a_tmpfs_filling_up_mid_answer_caps_the_ring_and_the_answer_streams_on(
         fresh = client.post(service.url + "/v1/chat/completions", json=chat(),
                             headers={"X-Conversation-Id": "after"})
         assert fresh.status_code == 200 and fresh.content.endswith(b"data: [DONE]\n\n")
+        # Nobody of the service maps the deleted session any more (a retired segment would
+        # hold its pages until then).
+        deleted = segment.segment_name(service.namespace, "big")[len(service.namespace) + 1:]
+        assert wait_until(lambda: mappers(service, deleted) == [], 10), mappers(service, deleted)
+
+
+def mappers(service: SmallShmService, name_part: str) -> list[int]:
+    """The pids of the service's process group that map an object named with ``name_part``
+    (the segment under its own or its retired name)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/stat") as stat:
+                pgid = int(stat.read().rpartition(")")[2].split()[2])
+            if pgid != service.process.pid:
+                continue
+            with open(f"/proc/{entry}/maps") as maps:
+                if any(name_part in line for line in maps):
+                    found.append(int(entry))
+    return found

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 
 from polling import wait_until
 
-from shmstream.shm import layout, waiter
+from shmstream.shm import layout, segment, waiter
 from shmstream.store.states import State
 
 
@@ -83,3 +84,36 @@ def test_a_cancelled_reader_leaves_no_waiter_behind(shm_store):
     producer.finalize(State.DONE)
     for session in (producer, reader):
         session.close()
+
+
+def test_a_session_ending_while_its_waiter_lingers_is_unmapped_at_once(shm_store,
+                                                                        monkeypatch):
+    """A reader left a running session (its waiter lingers for readers coming back), then
+    the session ends: the waiter must let go of the mapping at once, not when its linger
+    runs out, else a DELETE right after the answer retires the segment (its pages still
+    held) and the next completion on a full store is 503."""
+    monkeypatch.setattr(waiter, "LINGER", 120.0)  # far beyond the bounded wait below
+    producer = shm_store.create_or_replace("linger")
+    reader = shm_store.get("linger")
+    path = os.path.join(segment.SHM_DIR, producer.segment.name)
+
+    async def leave_while_running():
+        task = asyncio.create_task(anext(reader.aread(0)))
+        while producer.info().waiters != 1:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave_while_running())
+    reader.close()
+    producer.append(b"more")  # wakes the waiter: nobody waits now, it lingers
+    # ... on the doorbell, counted again (one that lingered on a local condition, deaf to
+    # the finalize below, kept the mapping for all of LINGER)
+    assert wait_until(lambda: producer.info().waiters == 1, 10)
+    assert waiter.hub().waiter_count() == 1
+    producer.finalize(State.DONE)
+    producer.close()
+    assert wait_until(lambda: waiter.hub().waiter_count() == 0, 10)
+    assert wait_until(lambda: segment._unmapped_everywhere(path), 10)
+    assert not shm_store.evict("linger") or segment.list_retired(shm_store.namespace) == []

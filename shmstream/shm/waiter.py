@@ -26,13 +26,14 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from shmstream.shm import layout
 from shmstream.store.states import State
 
-LINGER = 0.5  # seconds an idle waiter thread of a running session stays for the next wait
-WAIT_SLICE = 1.0  # longest single futex wait: a waiter whose readers all left exits soon
+LINGER = 0.5  # seconds an idle waiter of a running session stays for readers coming back
+WAIT_SLICE = 1.0  # longest single futex wait while readers wait
 
 _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
@@ -73,10 +74,10 @@ class SessionWaiter:
         self.key = key
         self.segment = segment.retain()  # the mapping stays valid while the thread uses it
         self._guard = threading.Lock()
-        self._changed = threading.Condition(self._guard)
         # Registered before the thread starts: a thread that found no reader would exit at
         # once (a finished session) and the next reader would start another, forever.
         self._entries: set[_Entry] = {first}
+        self._armed: int | None = None  # the doorbell word the thread waits on next
         self.closed = False
         self.waits = 0  # futex waits armed (counted in the header's waiters field)
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -88,8 +89,12 @@ class SessionWaiter:
         with self._guard:
             if self.closed:
                 return False
+            if self._armed is not None and entry.ticket != self._armed:
+                # The word moved past this ticket before the thread armed its wait: the
+                # thread would not see it, so wake the reader now (it re-polls).
+                self._dispatch({entry.loop: [entry.future]})
+                return True
             self._entries.add(entry)
-            self._changed.notify()
         return True
 
     def discard(self, entry: _Entry) -> None:
@@ -97,9 +102,11 @@ class SessionWaiter:
             self._entries.discard(entry)
 
     def _take_stale(self, word: int) -> dict:
-        """Remove and return, by loop, the entries whose ticket is not ``word``."""
+        """Remove and return, by loop, the entries whose ticket is not ``word``; entries
+        added from now on are checked against ``word`` (see :meth:`add`)."""
         by_loop: dict = {}
         with self._guard:
+            self._armed = word
             stale = [entry for entry in self._entries if entry.ticket != word]
             for entry in stale:
                 self._entries.discard(entry)
@@ -111,18 +118,8 @@ class SessionWaiter:
         i = segment.header.i
         lock = segment.lock
         try:
-            finished = False
+            idle_until = None  # while no reader waits: when the thread gives up and unmaps
             while True:
-                # An aligned u32 read without the lock: the state never goes back to running.
-                finished = finished or i[_STATE_I] != _RUNNING
-                with self._guard:
-                    if not self._entries and not finished:
-                        self._changed.wait(LINGER)  # readers come back right after a wake
-                    if not self._entries:
-                        # Nobody waits (and a finished session gets no one new): unmap at
-                        # once, so a replaced or evicted session's pages are freed.
-                        self.closed = True
-                        break
                 lock.acquire()
                 try:
                     word = i[_FUTEX_I]
@@ -134,12 +131,25 @@ class SessionWaiter:
                 if finished:  # every reader re-polls, reads the rest and ends
                     break  # woken below, after this thread let go of the mapping
                 self._dispatch(self._take_stale(word))
+                leaving = False
                 try:
                     with self._guard:
-                        waiting = bool(self._entries)
-                    if waiting:
+                        if self._entries:
+                            idle_until, timeout = None, WAIT_SLICE
+                        else:
+                            # Linger for readers that come back right after a wake, but on
+                            # the doorbell, not on a local condition: the finalize rings
+                            # it, so a session that ends meanwhile is unmapped at once (a
+                            # DELETE then frees its pages instead of retiring it).
+                            now = time.monotonic()
+                            if idle_until is None:
+                                idle_until = now + LINGER
+                            timeout = idle_until - now
+                            if timeout <= 0:
+                                self.closed = leaving = True  # no reader can join now
+                    if not leaving:
                         self.waits += 1
-                        segment.doorbell.wait(word, WAIT_SLICE)
+                        segment.doorbell.wait(word, timeout)
                 finally:
                     # A publish that rang for us took us off the count already (see
                     # ShmSession.append): only an unrung wait uncounts itself.
@@ -149,6 +159,8 @@ class SessionWaiter:
                             i[_WAITERS_I] -= 1
                     finally:
                         lock.release()
+                if leaving:
+                    break
                 self._dispatch(self._take_stale(i[_FUTEX_I]))
         finally:
             with self._guard:  # no reader can join a closed waiter: the rest are woken here
