@@ -35,12 +35,16 @@ import shutil
 import threading
 import time
 
+from shmstream._prometheus_internals import (
+    FILE_KINDS,
+    ensure_multiprocess_values,
+    value_file,
+)
+
 log = logging.getLogger("shmstream.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_SUFFIX = ".metrics"
-# prometheus_client names each process's files <kind>_<pid>.db; our metrics use these kinds.
-FILE_KINDS = ("counter", "gauge_livesum", "histogram")
 RESERVED_FILE_BYTES = 16 * 1024  # per file; our entries need about 6 KiB
 SHM_DIR = "/dev/shm"
 
@@ -88,7 +92,7 @@ def reserve_files(path: str, pid: int) -> None:
     """Create this process's value files with their pages reserved (raises OSError, e.g.
     ENOSPC). prometheus_client then maps them at this size and never grows them."""
     for kind in FILE_KINDS:
-        name = os.path.join(path, f"{kind}_{pid}.db")
+        name = value_file(path, kind, pid)
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -107,13 +111,12 @@ class Metrics:
     registry: a scrape builds its own, see :func:`render`)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram, values
+        from prometheus_client import Counter, Gauge, Histogram
 
-        if os.environ.get(MULTIPROC_ENV) and not getattr(values.ValueClass, "_multiprocess",
-                                                         False):
-            # prometheus_client was imported before the variable was set (e.g. by a custom
-            # gunicorn config): pick the multiprocess value class now.
-            values.ValueClass = values.get_value_class()
+        if os.environ.get(MULTIPROC_ENV):
+            # prometheus_client may have been imported before the variable was set (e.g. by
+            # a custom gunicorn config)
+            ensure_multiprocess_values()
         options = {"namespace": "shmstream", "registry": None}
         self.sessions_created = Counter(
             "sessions_created", "Sessions created by streamed completion requests.", **options)

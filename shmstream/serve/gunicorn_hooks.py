@@ -23,7 +23,7 @@ import logging
 from shmstream import metrics
 from shmstream.backends import open_store
 from shmstream.config import Settings
-from shmstream.serve import startup
+from shmstream.serve import _gunicorn_internals, startup
 from shmstream.serve.relays import RelayPool
 from shmstream.serve.supervisor import SupervisorProcess
 
@@ -79,9 +79,7 @@ def when_ready(server) -> None:
     _state["relays"] = relays
     server.log.info("relays: %d process(es) on %s, graceful timeout %gs", relays.count,
                     relays.socket_path, relays.graceful_timeout)
-    _stop_in_order(server, "handle_term", graceful=True)
-    _stop_in_order(server, "handle_int", graceful=False)
-    _stop_in_order(server, "handle_quit", graceful=False)
+    _gunicorn_internals.before_stop_signals(server, lambda graceful: _begin_stop(server, graceful))
 
 
 def _abort_producers(pids: list[int]) -> int:
@@ -91,23 +89,18 @@ def _abort_producers(pids: list[int]) -> int:
     return aborted
 
 
-def _stop_in_order(server, handler_name: str, graceful: bool) -> None:
-    """Before gunicorn's own handler: no child is restarted from now on; the relays get
-    SIGTERM (finish within the graceful timeout) or SIGQUIT (abort now)."""
-    original = getattr(server, handler_name)
-
-    def handler():
-        supervisor = _state.get("supervisor")
-        if supervisor is not None:
-            supervisor.begin_stop()
-        relays = _state.get("relays")
-        if relays is not None:
-            relays.begin_stop(graceful)
-        server.log.info("%s: relays %s", "graceful stop" if graceful else "quick stop",
-                        "finish their answers" if graceful else "abort their answers")
-        return original()
-
-    setattr(server, handler_name, handler)
+def _begin_stop(server, graceful: bool) -> None:
+    """The master got SIGTERM (graceful) or SIGINT/SIGQUIT, before gunicorn handles it: no
+    child is restarted from now on; the relays get SIGTERM (finish within the graceful
+    timeout) or SIGQUIT (abort now)."""
+    supervisor = _state.get("supervisor")
+    if supervisor is not None:
+        supervisor.begin_stop()
+    relays = _state.get("relays")
+    if relays is not None:
+        relays.begin_stop(graceful)
+    server.log.info("%s: relays %s", "graceful stop" if graceful else "quick stop",
+                    "finish their answers" if graceful else "abort their answers")
 
 
 def child_exit(server, worker) -> None:
