@@ -98,7 +98,7 @@ from shmstream.store.interface import (
     SessionStore,
     now_us,
 )
-from shmstream.store.procs import machine_scope, producer_doomed
+from shmstream.store.procs import Liveness, machine_scope, process_alive, producer_doomed
 from shmstream.store.states import State
 
 log = logging.getLogger("shmstream.redis")
@@ -449,7 +449,8 @@ class RedisStore(SessionStore):
             if identity is None:
                 continue  # made on another machine or in another pid namespace
             pid, start_time = identity
-            if producer_doomed(pid, start_time, targets):
+            liveness = Liveness.ALIVE if process_alive(pid, start_time) else Liveness.DEAD
+            if producer_doomed(liveness, pid, targets):
                 ended, _exists = self._scripts["finish"](
                     args=[self._prefix, gen, int(State.ABORTED), "0", *self._finish_times()]
                 )

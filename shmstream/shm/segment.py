@@ -67,15 +67,18 @@ def lookup_prefixes(namespace: str, conversation_id: str) -> set[str]:
     session live. Usually one; two when the id ends in ``:`` and has no ``::`` of its
     own, since then ``<id>::model`` splits one byte earlier (``a:`` -> ``a:::m``, base
     ``a``)."""
-    bases = ids.lookup_bases(encode_id(conversation_id))
-    return {f"{namespace}.{ids.digest(base, _BASE_HASH_HEX)}" for base in bases}
+    return {base_prefix(namespace, base) for base in ids.lookup_bases(encode_id(conversation_id))}
+
+
+def base_prefix(namespace: str, base: bytes) -> str:
+    """The file-name prefix shared by every session whose id has this base."""
+    return f"{namespace}.{ids.digest(base, _BASE_HASH_HEX)}"
 
 
 def segment_name(namespace: str, conversation_id: str) -> str:
     """The shm/semaphore name (without the leading slash) of a conversation's session."""
     raw = encode_id(conversation_id)
-    base = ids.digest(base_id(raw), _BASE_HASH_HEX)
-    return f"{namespace}.{base}{ids.digest(raw, _ID_HASH_HEX)}"
+    return f"{base_prefix(namespace, base_id(raw))}{ids.digest(raw, _ID_HASH_HEX)}"
 
 
 def prefix_of(name: str) -> str:

@@ -28,7 +28,8 @@ from shmstream.shm.sync import (
     liveness,
 )
 from shmstream.store import faults, ring
-from shmstream.store.errors import InvalidConversationId, OffsetLost
+from shmstream.store.errors import OffsetLost
+from shmstream.store.ids import LookupRequest
 from shmstream.store.interface import (
     DEFAULT_CAPACITY,
     DEFAULT_TTL,
@@ -37,7 +38,6 @@ from shmstream.store.interface import (
     Session,
     SessionInfo,
     SessionStore,
-    matches_lookup,
     now_us,
 )
 from shmstream.store.states import State
@@ -490,24 +490,17 @@ class ShmStore(SessionStore):
         return self._infos(segment.list_names(self.namespace))
 
     def lookup(self, conversation_ids: Iterable[str]) -> list[SessionInfo]:
-        requested, prefixes = [], set()
-        for conversation_id in conversation_ids:
-            try:
-                prefixes |= segment.lookup_prefixes(self.namespace, conversation_id)
-            except InvalidConversationId:
-                continue
-            requested.append(conversation_id)
-        if not requested:
+        request = LookupRequest.parse(conversation_ids)
+        if not request.requested:
             return []
         # The index, not a listing of /dev/shm: a few entries per prefix, whatever the
         # number of sessions; exact ids by name too (a creator may have died unindexed).
+        prefixes = {segment.base_prefix(self.namespace, base) for base in request.bases}
         names = sorted({name for prefix in prefixes
                         for name in segment.indexed_names(self.namespace, prefix)}
-                       | {segment.segment_name(self.namespace, rid) for rid in requested})
-        return [
-            info for info in self._infos(names)
-            if any(matches_lookup(info.conversation_id, rid) for rid in requested)
-        ]
+                       | {segment.segment_name(self.namespace, rid)
+                          for rid in request.requested})
+        return [info for info in self._infos(names) if request.matches(info.conversation_id)]
 
     # --- removing -------------------------------------------------------------------------
     def evict(self, conversation_id: str) -> bool:

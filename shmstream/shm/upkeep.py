@@ -19,6 +19,7 @@ from shmstream.shm.store import REAP_LOCK_TIMEOUT, ShmSession, ShmStore
 from shmstream.shm.sync import Liveness, LockTimeout, flocked
 from shmstream.store import faults
 from shmstream.store.interface import GCReport
+from shmstream.store.procs import producer_doomed
 from shmstream.store.states import State
 
 log = logging.getLogger("shmstream.store")
@@ -135,11 +136,7 @@ def abort_producers(store: ShmStore, pids: Iterable[int] | None = None) -> int:
                 continue
             if state is not State.RUNNING:
                 continue
-            if targets is None:
-                doomed = producer is Liveness.DEAD
-            else:
-                doomed = pid in targets and producer is not Liveness.UNKNOWN
-            if doomed and session.finalize(State.ABORTED):
+            if producer_doomed(producer, pid, targets) and session.finalize(State.ABORTED):
                 aborted += 1
                 log.warning("session aborted id=%s producer pid %d %s (segment %s)",
                             _id_tag(session), pid,

@@ -87,19 +87,22 @@ def process_alive(pid: int, start_time: int = 0) -> bool:
     return not (start_time and int(fields[19]) != start_time)
 
 
-def producer_doomed(pid: int, start_time: int, targets: Collection[int] | None) -> bool:
-    """The ``abort_producers`` rule of a backend that scopes producers itself (Redis: by
-    key): with no ``targets``, a producer is aborted when its process is dead (or a newer
-    process reuses its pid); otherwise when it is one of them."""
-    if targets is None:
-        return not process_alive(pid, start_time)
-    return pid in targets
-
-
 class Liveness(enum.Enum):
     ALIVE = "alive"
     DEAD = "dead"
     UNKNOWN = "unknown"  # another boot or pid namespace: presume alive, never take over
+
+
+def producer_doomed(liveness: Liveness, pid: int, targets: Collection[int] | None) -> bool:
+    """The ``abort_producers`` rule of every backend: with no ``targets``, a running
+    session's producer is aborted when its process is dead (or a newer process reuses its
+    pid); otherwise when it is one of ``targets``. A producer of another boot or pid
+    namespace (``UNKNOWN``) is never aborted: nothing here can prove it dead."""
+    if liveness is Liveness.UNKNOWN:
+        return False
+    if targets is None:
+        return liveness is Liveness.DEAD
+    return pid in targets
 
 
 class Identity:
