@@ -5,12 +5,7 @@ Names never contain the conversation id: they are ``<namespace>.<base hash><id h
 where the base hash covers the id up to its first ``::``, so every ``X::model`` session
 of ``X`` shares a prefix.
 
-- **Lookup index.** ``/dev/shm/<namespace>.index/<base hash>/<id hash>`` (empty files)
-  lists the sessions under one prefix, so a lookup reads one tiny directory instead of
-  listing ``/dev/shm`` (16 ms with 10,000 sessions). Entries are added after the segment
-  and removed before it, under the registry lock, so an entry without a segment never
-  outlives a crash; a segment without an entry (a creator killed between the two) is
-  re-indexed by gc.
+- **Names and the lookup index** live in :mod:`shmstream.shm.names`.
 - **Growth.** The file is ``ring_off + capacity`` bytes long but sparse: pages are
   reserved (``posix_fallocate``) for the header, metadata and the first ring step at
   creation, and for each further step by :meth:`Segment.grow` before any byte lands
@@ -31,7 +26,6 @@ import errno
 import fcntl
 import mmap
 import os
-import re
 import threading
 import time
 import uuid
@@ -41,8 +35,27 @@ from dataclasses import dataclass, field
 import posix_ipc
 
 from shmstream.shm import layout
+from shmstream.shm.names import (  # noqa: F401 - segment is the shm modules' one entry
+    PERMISSIONS,
+    SHM_DIR,
+    add_to_index,
+    base_prefix,
+    index_dir,
+    indexed_names,
+    is_indexed,
+    list_names,
+    list_retired,
+    lookup_prefixes,
+    name_pattern,
+    prefix_of,
+    remove_from_index,
+    remove_index,
+    retired_pattern,
+    segment_name,
+    shm_entries,
+)
 from shmstream.shm.sync import Doorbell, RobustLock
-from shmstream.store import faults, ids
+from shmstream.store import faults
 from shmstream.store.errors import StoreUnavailable
 from shmstream.store.ids import (  # noqa: F401 - re-exported for the shm tools
     base_id,
@@ -51,123 +64,11 @@ from shmstream.store.ids import (  # noqa: F401 - re-exported for the shm tools
     validate_namespace,
 )
 
-SHM_DIR = "/dev/shm"  # where Linux's shm_open keeps objects; semaphores are "sem.<name>"
-_BASE_HASH_HEX = 16
-_ID_HASH_HEX = 32
-PERMISSIONS = 0o600
 _NO_ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG)
 # An object without the ready marker (or semaphore) this long after its last change is a
 # dead creator's or retirer's (they finish in microseconds, under the registry lock): gc
 # removes it, and quotas never count it.
 DEBRIS_GRACE = 2.0
-
-
-def lookup_prefixes(namespace: str, conversation_id: str) -> set[str]:
-    """The file-name prefixes under which ``conversation_id`` and every ``<id>::...``
-    session live. Usually one; two when the id ends in ``:`` and has no ``::`` of its
-    own, since then ``<id>::model`` splits one byte earlier (``a:`` -> ``a:::m``, base
-    ``a``)."""
-    return {base_prefix(namespace, base) for base in ids.lookup_bases(encode_id(conversation_id))}
-
-
-def base_prefix(namespace: str, base: bytes) -> str:
-    """The file-name prefix shared by every session whose id has this base."""
-    return f"{namespace}.{ids.digest(base, _BASE_HASH_HEX)}"
-
-
-def segment_name(namespace: str, conversation_id: str) -> str:
-    """The shm/semaphore name (without the leading slash) of a conversation's session."""
-    raw = encode_id(conversation_id)
-    return f"{base_prefix(namespace, base_id(raw))}{ids.digest(raw, _ID_HASH_HEX)}"
-
-
-def prefix_of(name: str) -> str:
-    """The :func:`lookup_prefixes` part of a segment name."""
-    return name[: len(name) - _ID_HASH_HEX]
-
-
-def _name_pattern(namespace: str) -> re.Pattern:
-    return re.compile(re.escape(namespace) + rf"\.[0-9a-f]{{{_BASE_HASH_HEX + _ID_HASH_HEX}}}")
-
-
-def _retired_pattern(namespace: str) -> re.Pattern:
-    return re.compile(re.escape(namespace)
-                      + rf"\.r[0-9a-f]{{{_BASE_HASH_HEX + _ID_HASH_HEX}}}\.[0-9a-f]{{12}}")
-
-
-def _shm_entries() -> list[str]:
-    try:
-        return os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-
-
-def list_names(namespace: str, prefix: str | None = None) -> list[str]:
-    """Names of every session segment of ``namespace`` (optionally under ``prefix``), by
-    listing /dev/shm: for list, gc and quotas; lookups use :func:`indexed_names`."""
-    pattern = _name_pattern(namespace)
-    start = prefix or namespace + "."
-    return sorted(e for e in _shm_entries() if e.startswith(start) and pattern.fullmatch(e))
-
-
-def list_retired(namespace: str) -> list[str]:
-    """Names of replaced or removed segments that were still mapped when they went."""
-    pattern = _retired_pattern(namespace)
-    start = namespace + ".r"
-    return sorted(e for e in _shm_entries() if e.startswith(start) and pattern.fullmatch(e))
-
-
-# --- the lookup index ----------------------------------------------------------------------
-
-
-def index_dir(namespace: str) -> str:
-    return os.path.join(SHM_DIR, f"{namespace}.index")
-
-
-def _index_entry(namespace: str, name: str) -> str:
-    prefix = prefix_of(name)
-    return os.path.join(index_dir(namespace), prefix[len(namespace) + 1 :],
-                        name[len(prefix) :])
-
-
-def indexed_names(namespace: str, prefix: str) -> list[str]:
-    """Segment names indexed under a :func:`lookup_prefixes` prefix (a few at most)."""
-    folder = os.path.join(index_dir(namespace), prefix[len(namespace) + 1 :])
-    try:
-        return [prefix + entry for entry in os.listdir(folder)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def add_to_index(namespace: str, name: str) -> None:
-    """Index ``name`` (idempotent). Registry lock held exclusively."""
-    entry = _index_entry(namespace, name)
-    folder = os.path.dirname(entry)
-    try:
-        os.close(os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PERMISSIONS))
-    except FileNotFoundError:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.close(os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PERMISSIONS))
-
-
-def is_indexed(namespace: str, name: str) -> bool:
-    return os.path.exists(_index_entry(namespace, name))
-
-
-def remove_from_index(namespace: str, name: str) -> None:
-    """Drop ``name``'s entry and its folder once empty. Registry lock held exclusively."""
-    entry = _index_entry(namespace, name)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(entry)
-    with contextlib.suppress(OSError):  # not empty: another session of this prefix
-        os.rmdir(os.path.dirname(entry))
-
-
-def remove_index(namespace: str) -> None:
-    """The whole index of ``namespace`` (purge)."""
-    import shutil
-
-    shutil.rmtree(index_dir(namespace), ignore_errors=True)
 
 
 # --- accounting ----------------------------------------------------------------------------
@@ -184,9 +85,9 @@ def allocated_bytes(name: str) -> int:
 def namespace_allocated_bytes(namespace: str) -> int:
     """Pages held by every segment and semaphore of ``namespace``, retired segments still
     mapped included (index entries and lock files hold no pages)."""
-    names, retired = _name_pattern(namespace), _retired_pattern(namespace)
+    names, retired = name_pattern(namespace), retired_pattern(namespace)
     start, semaphores = namespace + ".", "sem." + namespace + "."
-    return sum(allocated_bytes(e) for e in _shm_entries()
+    return sum(allocated_bytes(e) for e in shm_entries()
                if (e.startswith(start) and (names.fullmatch(e) or retired.fullmatch(e)))
                or (e.startswith(semaphores) and names.fullmatch(e, 4)))
 
