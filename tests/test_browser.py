@@ -23,6 +23,7 @@ import time
 
 import httpx
 import pytest
+from chromium import launched_browser
 from polling import wait_for as _wait_for
 from service import Service
 from sse_upstream import UpstreamProcess
@@ -31,10 +32,6 @@ from shmstream.shm.store import ShmStore
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 API_KEY = "browser-test-key"
 ANSWER = ".turn:last-of-type .answer"
 WAIT_MS = 20_000  # the longest any page condition may take
@@ -47,31 +44,9 @@ def full_text(events: int) -> str:
 # --- fixtures ----------------------------------------------------------------------------
 
 
-def _browser_missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[test]')"
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium as root)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser():
-    missing = _browser_missing()
-    if missing:
-        if os.environ.get("SHMSTREAM_ALLOW_NO_BROWSER") == "1":
-            pytest.skip(f"no browser, and SHMSTREAM_ALLOW_NO_BROWSER=1: {missing}")
-        pytest.fail(f"the browser tests need Chromium: {missing}. Set "
-                    f"SHMSTREAM_ALLOW_NO_BROWSER=1 to skip them on this machine.")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                              timeout=60_000)
-        yield chromium
-        chromium.close()
+    yield from launched_browser("the browser tests")
 
 
 @pytest.fixture

@@ -26,15 +26,12 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
+from chromium import launched_browser
 from llama_client import SLOT_IDLE_BOUND, chat_content, lookup, replay, time_until_idle
 
 pytest_plugins = ["llama_fixtures"]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slots_idle_after")]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 WAIT_MS = 60_000  # the longest any page condition may take on the loaded machine
 ANSWER_TOKENS = 8000  # ~13 s at the ~600 tokens/s measured here: long enough to act mid-answer
 AWAY_SECONDS = 3.5  # longer than the UI's STREAM_VISIBILITY_KICK_MS (3 s): the socket "died"
@@ -68,35 +65,9 @@ SET_VISIBILITY_JS = """(state) => {
 }"""
 
 
-def _browser_missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[test]')"
-    import os
-
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium as root)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser():
-    import os
-
-    missing = _browser_missing()
-    if missing:
-        if os.environ.get("SHMSTREAM_ALLOW_NO_BROWSER") == "1":
-            pytest.skip(f"no browser, and SHMSTREAM_ALLOW_NO_BROWSER=1: {missing}")
-        pytest.fail(f"the web UI tests need Chromium: {missing}. Set "
-                    f"SHMSTREAM_ALLOW_NO_BROWSER=1 to skip them on this machine.")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                              timeout=60_000)
-        yield chromium
-        chromium.close()
+    yield from launched_browser("the web UI tests")
 
 
 class WebUI:
