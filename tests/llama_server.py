@@ -13,14 +13,13 @@ import contextlib
 import importlib.util
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from service import ROOT, free_port
+from service import ROOT, free_port, stop_gracefully
 
 ALLOW_MISSING_ENV = "SHMSTREAM_ALLOW_NO_LLAMA"
 PREPARE_COMMAND = "python3 scripts/llama_server.py"
@@ -115,15 +114,7 @@ class LlamaServer:
         return [slot for slot in self.slots() if slot.get("is_processing")]
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        stop_gracefully(self.process)
 
     def __enter__(self) -> LlamaServer:
         return self.start()

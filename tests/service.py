@@ -34,6 +34,20 @@ def _gunicorn() -> str:
     return local if os.path.exists(local) else "gunicorn"
 
 
+def stop_gracefully(process: subprocess.Popen | None, timeout: float = 15) -> None:
+    """SIGTERM a server started in its own process group; SIGKILL the group if it has not
+    exited within ``timeout`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+
+
 class Service:
     """``gunicorn -c gunicorn.conf.py`` on a free port, with ``workers`` asgi workers."""
 
@@ -108,15 +122,7 @@ class Service:
         return [(int(m[1]), m[2], m[3], int(m[4])) for m in _ACCESS_LINE.finditer(text)]
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        stop_gracefully(self.process)
 
     def __enter__(self) -> Service:
         return self.start()
