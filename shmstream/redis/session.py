@@ -7,14 +7,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from shmstream.redis.connections import store_call
 from shmstream.redis.notifier import Watch
 from shmstream.store import ring
 from shmstream.store.errors import OffsetLost, SessionNotFound, StoreUnavailable
-from shmstream.store.interface import WAKE_INTERVAL, Session, SessionInfo
+from shmstream.store.interface import Session, SessionInfo
 from shmstream.store.states import State
 
 if TYPE_CHECKING:
@@ -259,24 +258,16 @@ class RedisSession(Session):
         else:
             watch.wait(self._ticket, timeout)
 
-    async def aread(self, offset: int = 0, wake_interval: float = WAKE_INTERVAL,
-                    limit: int | None = None) -> AsyncIterator[bytes]:
-        """:meth:`Session.aread` without blocking the loop on Redis: bytes this process
-        already has (published with their append) are yielded at once, a round trip runs
-        in the loop's default executor, and waiting costs a future woken by the notifier,
-        not a thread. Raises OffsetLost, and StoreUnavailable while Redis is down."""
-        while True:
-            step = self._poll_local(offset, limit)
-            if step is None:
-                step = await asyncio.to_thread(self._poll_remote, offset, limit)
-            chunk, finished = step
-            if chunk:
-                offset += len(chunk)
-                yield chunk
-            elif finished:
-                return
-            else:
-                await self._await_change(wake_interval)
+    async def _apoll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
+        """:meth:`Session.aread`'s poll without blocking the loop on Redis: bytes this
+        process already has (published with their append) come at once; a round trip runs
+        in the loop's default executor. Waiting then costs a future woken by the notifier,
+        not a thread (:meth:`_await_change`). Raises OffsetLost, and StoreUnavailable while
+        Redis is down."""
+        step = self._poll_local(offset, limit)
+        if step is None:
+            step = await asyncio.to_thread(self._poll_remote, offset, limit)
+        return step
 
     async def _await_change(self, timeout: float) -> None:
         watch = self._notify

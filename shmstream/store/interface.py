@@ -181,7 +181,7 @@ class Session(abc.ABC):
         ended by cancelling the task that iterates. Raises
         :class:`~shmstream.store.errors.OffsetLost` as :meth:`read` does."""
         while True:
-            chunk, finished = self._poll(offset, limit)
+            chunk, finished = await self._apoll(offset, limit)
             if chunk:
                 offset += len(chunk)
                 yield chunk
@@ -189,6 +189,12 @@ class Session(abc.ABC):
                 return
             else:
                 await self._await_change(wake_interval)
+
+    async def _apoll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
+        """:meth:`_poll` for an event loop. This default polls inline, which suits a
+        backend whose poll takes microseconds (shared memory); a backend whose poll may
+        cross the network overrides it."""
+        return self._poll(offset, limit)
 
     async def _await_change(self, timeout: float) -> None:
         """Wait, without blocking the loop, until new bytes or a terminal state may be
