@@ -9,6 +9,7 @@ import os
 import threading
 import time
 
+import uvloop
 from polling import wait_until
 
 from shmstream.shm import layout, segment, waiter
@@ -117,3 +118,40 @@ def test_a_session_ending_while_its_waiter_lingers_is_unmapped_at_once(shm_store
     assert wait_until(lambda: waiter.hub().waiter_count() == 0, 10)
     assert wait_until(lambda: segment._unmapped_everywhere(path), 10)
     assert not shm_store.evict("linger") or segment.list_retired(shm_store.namespace) == []
+
+
+def test_a_streaming_session_keeps_one_waiter_thread_past_the_linger(shm_store):
+    """Readers woken by a publish come back after sending their bytes: the waiter must not
+    count that moment as idle (it once quit and was restarted every LINGER seconds while a
+    session streamed, a thread start per session twice a second)."""
+    producer = shm_store.create_or_replace("steady")
+    reader = shm_store.get("steady")
+    appends = int(3 * waiter.LINGER / 0.1)  # an append every 100 ms for 3 lingers
+
+    async def read(out):
+        async for chunk in reader.aread(0):
+            out.append(chunk)
+            # A busy worker: the reader comes back to wait well after the waiter thread
+            # woke it and looked for waiting readers.
+            await asyncio.sleep(0.05)
+
+    async def main():
+        out, seen = [], []
+        task = asyncio.create_task(read(out))
+        while producer.info().waiters != 1:
+            await asyncio.sleep(0.01)
+        for index in range(appends):
+            producer.append(b"%d;" % index)
+            await asyncio.sleep(0.1)  # the stream's pace, not a synchronisation
+            current = waiter.hub().waiter_for(producer.segment)
+            if current is not None and all(current is not w for w in seen):
+                seen.append(current)
+        producer.finalize(State.DONE)
+        await asyncio.wait_for(task, 10)
+        return out, seen
+
+    out, seen = uvloop.run(main())  # as in the workers: its wake-up keeps the GIL
+    assert b"".join(out) == b"".join(b"%d;" % i for i in range(appends))
+    assert len(seen) == 1, f"{len(seen)} waiter threads for one steadily streaming session"
+    for session in (producer, reader):
+        session.close()

@@ -118,50 +118,54 @@ class SessionWaiter:
         i = segment.header.i
         lock = segment.lock
         try:
+            lock.acquire()
+            try:
+                word, finished = self._arm(i)
+            finally:
+                lock.release()
             idle_until = None  # while no reader waits: when the thread gives up and unmaps
-            while True:
-                lock.acquire()
+            while not finished:  # once finished every reader re-polls, reads the rest, ends
+                woken = self._take_stale(word)
+                self._dispatch(woken)
+                leaving = woke = False
+                with self._guard:
+                    if self._entries or woken:
+                        # Readers just woken come back once they have sent their bytes:
+                        # not idle (once this counted as idle, a streaming session's
+                        # thread quit and was started again every LINGER seconds).
+                        idle_until, timeout = None, WAIT_SLICE
+                    else:
+                        # Linger for readers that come back right after a wake, but on the
+                        # doorbell, not on a local condition: the finalize rings it, so a
+                        # session that ends meanwhile is unmapped at once (a DELETE then
+                        # frees its pages instead of retiring it).
+                        now = time.monotonic()
+                        if idle_until is None:
+                            idle_until = now + LINGER
+                        timeout = idle_until - now
+                        if timeout <= 0:
+                            self.closed = leaving = True  # no reader can join now
                 try:
-                    word = i[_FUTEX_I]
-                    finished = i[_STATE_I] != _RUNNING
-                    if not finished:
-                        i[_WAITERS_I] += 1  # seen by the next publish, which rings for us
-                finally:
-                    lock.release()
-                if finished:  # every reader re-polls, reads the rest and ends
-                    break  # woken below, after this thread let go of the mapping
-                self._dispatch(self._take_stale(word))
-                leaving = False
-                try:
-                    with self._guard:
-                        if self._entries:
-                            idle_until, timeout = None, WAIT_SLICE
-                        else:
-                            # Linger for readers that come back right after a wake, but on
-                            # the doorbell, not on a local condition: the finalize rings
-                            # it, so a session that ends meanwhile is unmapped at once (a
-                            # DELETE then frees its pages instead of retiring it).
-                            now = time.monotonic()
-                            if idle_until is None:
-                                idle_until = now + LINGER
-                            timeout = idle_until - now
-                            if timeout <= 0:
-                                self.closed = leaving = True  # no reader can join now
                     if not leaving:
                         self.waits += 1
                         segment.doorbell.wait(word, timeout)
+                        woke = True
                 finally:
-                    # A publish that rang for us took us off the count already (see
+                    # One lock hold per wake: uncount the wait that ended and, unless the
+                    # thread leaves, count the next one with the word it reads (the same
+                    # as two holds back to back, one semaphore round trip less). A publish
+                    # that rang for us took us off the count already (see
                     # ShmSession.append): only an unrung wait uncounts itself.
                     lock.acquire()
                     try:
                         if i[_FUTEX_I] == word:
                             i[_WAITERS_I] -= 1
+                        if woke:
+                            word, finished = self._arm(i)
                     finally:
                         lock.release()
                 if leaving:
                     break
-                self._dispatch(self._take_stale(i[_FUTEX_I]))
         finally:
             with self._guard:  # no reader can join a closed waiter: the rest are woken here
                 self.closed = True
@@ -171,6 +175,16 @@ class SessionWaiter:
             # of ours keeps a removed session's pages (and quota) held.
             segment.close()
             self._dispatch(last)
+
+    @staticmethod
+    def _arm(i) -> tuple[int, bool]:
+        """Lock held: (the doorbell word, whether the session finished); while it runs,
+        count this thread in ``waiters``, seen by the next publish, which rings for us."""
+        word = i[_FUTEX_I]
+        finished = i[_STATE_I] != _RUNNING
+        if not finished:
+            i[_WAITERS_I] += 1
+        return word, finished
 
     @staticmethod
     def _dispatch(by_loop: dict) -> None:
