@@ -20,24 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 log = logging.getLogger("shmstream.serve.asgi")
 
 _app = None
 _pid = 0
-
-
-def _configure_logging() -> None:
-    # gunicorn configures only its own loggers; without this our INFO lines would vanish.
-    root = logging.getLogger()
-    if not root.handlers and not logging.getLogger("shmstream").handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
-        shmstream_log = logging.getLogger("shmstream")
-        shmstream_log.addHandler(handler)
-        shmstream_log.setLevel(os.environ.get("SHMSTREAM_LOG_LEVEL", "INFO").upper())
 
 
 def build():
@@ -48,8 +35,9 @@ def build():
     from shmstream.http.app import create_app
     from shmstream.relay.client import make_async_upstream
     from shmstream.relay.handoff import SOCKET_ENV, RelayClient
+    from shmstream.serve.logsetup import configure_process_logging
 
-    _configure_logging()
+    configure_process_logging()
     metrics.get()  # reserve this worker's metric files now, not when /dev/shm may be full
     settings = Settings.from_env()
     store = open_store(settings)

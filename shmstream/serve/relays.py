@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from shmstream.config import Settings
 from shmstream.relay.handoff import SOCKET_ENV
 from shmstream.relay.server import BACKLOG
+from shmstream.serve.logsetup import configure_process_logging
 from shmstream.store.procs import process_alive, process_start_time
 
 log = logging.getLogger("shmstream.serve.relays")
@@ -330,14 +331,6 @@ def _signal_ready(fd: int) -> None:
         os.close(fd)
 
 
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
-    package = logging.getLogger("shmstream")
-    package.addHandler(handler)
-    package.setLevel(os.environ.get("SHMSTREAM_LOG_LEVEL", "INFO").upper())
-
 
 def main() -> int:
     """A relay process: the inherited socket, the configured store and upstream."""
@@ -346,7 +339,7 @@ def main() -> int:
     from shmstream.relay.client import make_async_upstream
     from shmstream.relay.process import RelayProcess
 
-    _configure_logging()
+    configure_process_logging()
     settings = Settings.from_env()
     parent = os.environ.get(PARENT_ENV)
     sock = socket.socket(fileno=int(os.environ[FD_ENV]))
