@@ -373,6 +373,33 @@ def test_the_page_asks_for_the_api_key_and_then_works(start_service, browsing):
     assert page.evaluate("localStorage.getItem('shmstream.apiKey')") == API_KEY
 
 
+def test_a_send_pressed_while_the_refused_one_is_in_flight_is_not_lost(start_service, browsing):
+    """The race a slow server opens: the user types the key and presses Send again while
+    the first press's lookup (refused: no key yet) is still on its way back."""
+    service = start_service()
+    session = browsing(service, {"tag": new_tag("keyrace"), "events": 5, "interval": 0.01},
+                       api_key=None)
+    page = session.open()
+    wait_state(page, "key")
+    held, released = [], []
+
+    def hold_the_keyless(route, request) -> None:
+        if released or "authorization" in request.headers:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/v1/streams/lookup", hold_the_keyless)
+    send(page)  # its lookup, sent without a key, is held
+    page.fill("#api-key", API_KEY)
+    page.click("#send")  # pressed while the first press still waits for its lookup
+    released.append(True)
+    for route in held:  # the refusals arrive after the second press
+        route.continue_()
+    wait_answer(page, full_text(5))
+    wait_state(page, "done")
+
+
 def test_new_chat_keeps_the_old_one_in_the_list_and_switches_back(start_service, browsing):
     service = start_service()
     session = browsing(service, {"tag": new_tag("new"), "events": 3, "interval": 0.01})

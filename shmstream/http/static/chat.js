@@ -40,6 +40,7 @@ let chat = null;
 let reading = null; // {turn, controller} while this tab reads an answer's bytes
 let syncing = false;
 let sending = false; // between Send and the message's turn being recorded
+let sendAgain = false; // Send was pressed again while the last press was still in flight
 let notice = ""; // a transient remark for the status line (reconnecting, resumed, ...)
 let needKey = false; // the last API call was refused for want of a (right) key
 
@@ -435,18 +436,27 @@ function history(upTo) {
 async function send() {
   const text = $("message").value.trim();
   const last = chat.turns.at(-1);
-  if (!text || reading || sending || (last && !isFinal(last.answer.state))) return;
+  if (sending) {
+    // Not lost: if this press's predecessor fails (say, for want of the API key just
+    // typed in), this one is tried when it is over; if it succeeds, this was a repeat.
+    sendAgain = true;
+    return;
+  }
+  if (!text || reading || (last && !isFinal(last.answer.state))) return;
   let before;
   sending = true;
+  sendAgain = false;
   try {
     before = newestOf(await lookup()); // so every tab can tell our new session from it
   } catch (error) {
     notice = `cannot reach the server: ${error.message}`;
     renderStatus();
+    if (sendAgain) setTimeout(send, 0);
     return;
   } finally {
     sending = false;
   }
+  sendAgain = false;
   $("message").value = "";
   const turn = { user: text, sentAt: Date.now(), before, answer: newAnswer() };
   notice = "";
