@@ -109,9 +109,10 @@ class ShmSession(Session):
         except BusyError:
             self._lock.acquire_contended()
         # RobustLock.record inlined: stamp, scope, then the pid completes the record.
-        q[_LOCK_STAMP_Q] = OwnerStamp.base | ((q[_LOCK_STAMP_Q] + 1) & EPOCH_MASK)
-        q[_LOCK_OWNER_SCOPE_Q] = Identity.scope
-        q[_LOCK_OWNER_Q] = Identity.pid
+        base, scope, pid = OwnerStamp.record
+        q[_LOCK_STAMP_Q] = base | ((q[_LOCK_STAMP_Q] + 1) & EPOCH_MASK)
+        q[_LOCK_OWNER_SCOPE_Q] = scope
+        q[_LOCK_OWNER_Q] = pid
         try:
             if i[_STATE_I] != _RUNNING:
                 return False
