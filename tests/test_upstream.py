@@ -1,6 +1,6 @@
-"""The upstream client (HttpAsyncUpstream: httpx.AsyncClient) against a real scripted SSE
-server in a thread (real sockets), the async demo upstream, and the shared error and header
-helpers."""
+"""The upstream clients (HttpAsyncUpstream: httpx, the HTTP workers' proxy; AiohttpUpstream:
+aiohttp, the relays') against a real scripted SSE server in a thread (real sockets), the
+async demo upstream, and the shared error and header helpers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from polling import wait_for
 from sse_upstream import InThreadUpstream, expected_body
 
+from shmstream.relay.aioclient import AiohttpUpstream, make_relay_upstream
 from shmstream.relay.client import AsyncUpstreamRequest, HttpAsyncUpstream, make_async_upstream
 from shmstream.relay.demo import DEMO_MODEL, AsyncDemoUpstream
 from shmstream.relay.producer import upstream_error
@@ -31,6 +32,11 @@ def upstream_server():
     server.stop()
 
 
+@pytest.fixture(params=[HttpAsyncUpstream, AiohttpUpstream], ids=["httpx", "aiohttp"])
+def client_class(request):
+    return request.param
+
+
 def completion(script: dict, stream: bool = True) -> AsyncUpstreamRequest:
     body = json.dumps({"stream": stream, "script": script}).encode()
     return AsyncUpstreamRequest("POST", "/v1/chat/completions",
@@ -46,9 +52,9 @@ async def _collect(upstream, request) -> tuple[int, bytes]:
         await response.aclose()
 
 
-def test_stream_is_read_verbatim_and_headers_reach_the_upstream(upstream_server):
+def test_stream_is_read_verbatim_and_headers_reach_the_upstream(upstream_server, client_class):
     async def go():
-        upstream = HttpAsyncUpstream(upstream_server.url)
+        upstream = client_class(upstream_server.url)
         try:
             return await _collect(upstream, completion({"tag": "v", "events": 7}))
         finally:
@@ -99,9 +105,9 @@ def test_concurrent_streams_are_spread_over_clients_of_bounded_size(upstream_ser
     assert sizes == [4, 4, 2] and after == [0, 0, 0] and first_again == 1
 
 
-def test_cancelling_the_reading_task_closes_the_connection(upstream_server):
+def test_cancelling_the_reading_task_closes_the_connection(upstream_server, client_class):
     async def go():
-        upstream = HttpAsyncUpstream(upstream_server.url)
+        upstream = client_class(upstream_server.url)
         response = await upstream.open(completion({"tag": "c", "events": 5, "stall_at": 1,
                                                    "stall": 30}))
 
@@ -121,9 +127,9 @@ def test_cancelling_the_reading_task_closes_the_connection(upstream_server):
     assert not upstream_server.record("c").finished
 
 
-def test_unreachable_upstream_raises_upstream_error():
+def test_unreachable_upstream_raises_upstream_error(client_class):
     async def go():
-        upstream = HttpAsyncUpstream("http://127.0.0.1:9")
+        upstream = client_class("http://127.0.0.1:9")
         try:
             await upstream.open(completion({}))
         finally:
@@ -133,9 +139,9 @@ def test_unreachable_upstream_raises_upstream_error():
     assert info.value.status == 502 and "Connect" in info.value.message
 
 
-def test_a_broken_body_raises_upstream_error(upstream_server):
+def test_a_broken_body_raises_upstream_error(upstream_server, client_class):
     async def go():
-        upstream = HttpAsyncUpstream(upstream_server.url)
+        upstream = client_class(upstream_server.url)
         try:
             await _collect(upstream, completion({"tag": "b", "events": 5, "break_after": 2}))
         finally:
@@ -163,6 +169,30 @@ def test_demo_streams_every_format_and_ends_with_its_terminal_event():
 def test_make_async_upstream_picks_the_demo_without_a_url():
     assert isinstance(make_async_upstream(None), AsyncDemoUpstream)
     assert isinstance(make_async_upstream("http://x:1"), HttpAsyncUpstream)
+    assert isinstance(make_relay_upstream(None), AsyncDemoUpstream)
+    assert isinstance(make_relay_upstream("http://x:1"), AiohttpUpstream)
+
+
+def test_the_relay_client_sends_the_request_as_forwarded(upstream_server):
+    """aiohttp adds no Content-Type or Accept-Encoding of its own (the relay asks for the
+    bytes as they are), sends the target still percent-encoded, and one Content-Length
+    that fits the body whatever the forwarded headers said."""
+    body = json.dumps({"stream": True, "script": {"tag": "fwd", "events": 2}}).encode()
+    request = AsyncUpstreamRequest("POST", "/v1/chat/completions?x=a%2Fb",
+                                   [("authorization", "Bearer k"), ("content-length", "1"),
+                                    ("x-one", "1"), ("x-one", "2")], body)
+
+    async def go():
+        upstream = AiohttpUpstream(upstream_server.url)
+        try:
+            return await _collect(upstream, request)
+        finally:
+            await upstream.aclose()
+    status, data = asyncio.run(go())
+    assert status == 200 and data == expected_body("fwd", 2)
+    record = upstream_server.record("fwd")
+    assert "content-type" not in record.headers and "accept-encoding" not in record.headers
+    assert record.headers.get("content-length") == str(len(body))
 
 
 def test_error_helpers():
@@ -185,3 +215,17 @@ def test_response_headers_filtering():
     assert response_headers(headers) == [("Content-Type", "text/event-stream"),
                                          ("Content-Length", "12"), ("X-Upstream", "yes")]
     assert ("Content-Length", "12") not in response_headers(headers, reframed=True)
+
+
+def test_the_relay_client_keeps_the_target_percent_encoded(upstream_server):
+    async def go():
+        upstream = AiohttpUpstream(upstream_server.url)
+        try:
+            return await _collect(upstream, AsyncUpstreamRequest(
+                "GET", "/v1/echo/a%2Fb?q=x%20y&q=z", [], b""))
+        finally:
+            await upstream.aclose()
+    status, data = asyncio.run(go())
+    echo = json.loads(data)
+    assert status == 200 and echo["target"] == "/v1/echo/a%2Fb?q=x%20y&q=z"
+    assert echo["method"] == "GET" and echo["body_length"] == 0

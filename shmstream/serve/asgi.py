@@ -49,7 +49,9 @@ def build():
 
         log.warning("pid %d: %s is not set: relaying completions inside this worker",
                     os.getpid(), SOCKET_ENV)
-        relay_upstream = make_async_upstream(settings.upstream,
+        from shmstream.relay.aioclient import make_relay_upstream
+
+        relay_upstream = make_relay_upstream(settings.upstream,
                                              settings.demo_tokens_per_second)
         relay = LocalRelay(store, relay_upstream, settings.ping_interval).start().client()
     return create_app(store, settings, upstream, relay)

@@ -336,7 +336,7 @@ def main() -> int:
     """A relay process: the inherited socket, the configured store and upstream."""
     from shmstream import metrics
     from shmstream.backends import open_store
-    from shmstream.relay.client import make_async_upstream
+    from shmstream.relay.aioclient import make_relay_upstream
     from shmstream.relay.process import RelayProcess
 
     configure_process_logging()
@@ -345,7 +345,7 @@ def main() -> int:
     sock = socket.socket(fileno=int(os.environ[FD_ENV]))
     metrics.get()  # reserve this process's metric files up front
     store = open_store(settings)
-    upstream = make_async_upstream(settings.upstream, settings.demo_tokens_per_second)
+    upstream = make_relay_upstream(settings.upstream, settings.demo_tokens_per_second)
     ready = os.environ.get(READY_ENV)
     relay = RelayProcess(store, upstream, sock, settings.ping_interval,
                          settings.graceful_timeout,
