@@ -445,6 +445,47 @@ def cpu_times(root_pids: list[int]) -> tuple[float, float]:
             sum(stats[p][2] for p in wanted if p in stats))
 
 
+def _role(pid: int, root_pid: int) -> str:
+    if pid == root_pid:
+        return "master"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read()
+    except OSError:
+        return "gone"
+    if b"shmstream.serve.relays" in command:
+        return "relays"
+    if b"supervise" in command:
+        return "supervisor"
+    return "workers"
+
+
+def cpu_by_role(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the tree under ``root_pid``, by kind of process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    wanted, grew = {root_pid}, True
+    while grew:
+        grew = False
+        for pid, (parent, _) in stats.items():
+            if parent in wanted and pid not in wanted:
+                wanted.add(pid)
+                grew = True
+    roles: dict[str, float] = {}
+    for pid in wanted & stats.keys():
+        role = _role(pid, root_pid)
+        roles[role] = roles.get(role, 0.0) + stats[pid][1]
+    return roles
+
+
 def tree_rss_bytes(root_pid: int) -> int:
     total, pids = 0, {root_pid}
     for entry in os.listdir("/proc"):
@@ -558,8 +599,10 @@ def main() -> int:
             print("| streams | path | complete | replay-identical | TTFB p50 / p99 | longest "
                   "| shmstream CPU/event (user+sys) | load CPU | upstream CPU |")
             print("|---|---|---|---|---|---|---|---|---|")
+            by_process_lines: list[str] = []
             for count in [int(n) for n in args.streams.split(",")]:
                 for via, port in (("direct", upstream_port), ("shmstream", service.port)):
+                    roles_before = cpu_by_role(service.process.pid)
                     result, cpu = measured({**common, "port": port, "via": via,
                                             "streams": count, "events": args.events,
                                             "interval": 1 / args.rate, "stamp": False,
@@ -576,6 +619,15 @@ def main() -> int:
                           f"{sum(cpu['load']):.2f} s | {sum(cpu['upstream']):.2f} s |"
                           + (f" errors {result['errors']}" if result["errors"] else ""),
                           flush=True)
+                    if via == "shmstream" and relayed:
+                        roles_after = cpu_by_role(service.process.pid)
+                        spent = {role: roles_after[role] - roles_before.get(role, 0.0)
+                                 for role in sorted(roles_after) if role != "gone"}
+                        by_role = ", ".join(f"{role} {seconds / relayed * 1e6:.0f} us"
+                                            for role, seconds in spent.items())
+                        by_process_lines.append(f"- {count} streams, CPU per relayed event "
+                                                f"by process: {by_role}")
+            print("\n".join(by_process_lines), flush=True)
         if "idle" in phases:
             load = Load(kind="idle", port=service.port, sessions=args.idle_sessions,
                         readers=args.idle_readers, seconds=args.idle_seconds)
