@@ -376,12 +376,13 @@ def test_metrics_readers_gauge_and_cancel_latency(make_app):
     assert app.client.simulate_delete("/v1/stream/slow").status_code == 204
     thread.join(20)
     deadline = time.monotonic() + 20
-    while True:
+    while True:  # the relay counts the cancel latency, then the ended session: wait for both
         after = scrape(app)
         if after["shmstream_cancel_latency_seconds_count"] > before.get(
-                "shmstream_cancel_latency_seconds_count", 0):
+                "shmstream_cancel_latency_seconds_count", 0) and \
+                after["shmstream_sessions_ended_total{state=cancelled}"] >= 1:
             break
-        assert time.monotonic() < deadline, "no cancel latency observed"
+        assert time.monotonic() < deadline, "no cancel latency or ended session observed"
         time.sleep(0.02)
     assert after["shmstream_readers"] == before["shmstream_readers"]
     latency = (after["shmstream_cancel_latency_seconds_sum"]

@@ -175,14 +175,19 @@ class ProxyResource:
             body=body, metadata={"model": model} if isinstance(model, str) else {},
         )
         ticket = await self.relay.submit(request)
-        session = self._own_session(ticket)
         try:
-            answer = await self._answer_unless_gone(ticket, _link(req))
+            session = self._own_session(ticket)
+            try:
+                answer = await self._answer_unless_gone(ticket, _link(req))
+            except BaseException:
+                if session is not None:
+                    session.close()
+                raise
         except BaseException:
-            if session is not None:
-                session.close()
+            ticket.close()
             raise
         if answer is None or not answer.streams or session is None:
+            ticket.close()
             if session is not None:
                 session.close()
             if answer is None:  # the caller left before the upstream answered
@@ -202,7 +207,7 @@ class ProxyResource:
             resp.data = b""
             return
         _sse_response(resp, answer.status, answer.headers)
-        resp.stream = session_body(session, 0, _link(req), READER_RECHECK)
+        resp.stream = session_body(session, 0, _link(req), READER_RECHECK, ticket.doorbell())
 
     def _own_session(self, ticket: RelayTicket) -> Session | None:
         """This request's session, or None if a later request replaced it already."""
@@ -222,10 +227,9 @@ class ProxyResource:
     @staticmethod
     async def _answer_unless_gone(ticket: RelayTicket, link: ClientLink | None):
         """The relay's answer, or None when the client leaves first (the generation goes
-        on: closing the ticket never cancels it)."""
+        on: closing the ticket never cancels it). The caller closes the ticket."""
         if link is None:
-            async with ticket:
-                return await ticket.answer()
+            return await ticket.answer()
         loop = asyncio.get_running_loop()
         answer = loop.create_task(ticket.answer())
         gone = loop.create_task(link.gone())
@@ -235,7 +239,6 @@ class ProxyResource:
             gone.cancel()
             if not answer.done():
                 answer.cancel()
-            ticket.close()
         with contextlib.suppress(asyncio.CancelledError):
             await gone
         if answer.cancelled():

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from shmstream import metrics
 from shmstream.store.errors import OffsetLost, StoreUnavailable
-from shmstream.store.interface import Session
+from shmstream.store.interface import ProducerDoorbell, Session
 
 LINK_KEY = "shmstream.client"
 
@@ -143,13 +143,14 @@ class ClientBoundStream:
                 await result
 
 
-async def session_chunks(session: Session, offset: int, wake_interval: float
-                         ) -> AsyncIterator[bytes]:
+async def session_chunks(session: Session, offset: int, wake_interval: float,
+                         doorbell: ProducerDoorbell | None = None) -> AsyncIterator[bytes]:
     """The session from ``offset``, live; ends quietly when the reader is lapped (the
     client re-attaches and gets the ``offset lost`` answer) or the store goes away (the
     store logged that once for the process; a re-attach gets 503 until it is back)."""
     try:
-        async for chunk in session.aread(offset, wake_interval=wake_interval):
+        async for chunk in session.aread(offset, wake_interval=wake_interval,
+                                         doorbell=doorbell):
             yield chunk
     except OffsetLost:
         metrics.offset_lost("lapped")
@@ -158,12 +159,18 @@ async def session_chunks(session: Session, offset: int, wake_interval: float
 
 
 def session_body(session: Session, offset: int, link: ClientLink | None,
-                 wake_interval: float) -> ClientBoundStream:
-    """A response body reading ``session`` live from ``offset``; it closes the handle."""
+                 wake_interval: float, doorbell: ProducerDoorbell | None = None
+                 ) -> ClientBoundStream:
+    """A response body reading ``session`` live from ``offset``, woken by ``doorbell``
+    (the request's line to the producer) while it works; it closes the handle and the
+    doorbell."""
     metrics.reader_attached()
 
     def release() -> None:
         metrics.reader_detached()
+        if doorbell is not None:
+            doorbell.close()
         session.close()
 
-    return ClientBoundStream(session_chunks(session, offset, wake_interval), link, release)
+    return ClientBoundStream(session_chunks(session, offset, wake_interval, doorbell), link,
+                             release)

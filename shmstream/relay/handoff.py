@@ -16,6 +16,12 @@ An HTTP worker that accepts a streamed completion does not talk to the upstream 
   processing): a :class:`RelayAnswer` with the upstream's status and headers, and its body
   for a non-2xx answer (PROTOCOL.md rule 2: sent to the caller unchanged); for a stream
   ``body`` is None and the caller's response is the session from offset 0.
+- For a stream, :meth:`RelayTicket.doorbell` keeps the connection as a line to the
+  producer: the reader says how far it has read and the relay rings (one byte) as soon as
+  the session holds more or ended (:class:`RelayDoorbell`). The reader waits on that
+  instead of the store's waiter thread and futex: the cheapest wake-up an HTTP worker can
+  have, and the one almost every event takes (the request that started an answer reads
+  it). If the line breaks the reader falls back to the store's wake-up.
 - Closing the ticket (the caller left, the worker is killed) never cancels the
   generation: it only closes this request's connection (PROTOCOL.md rule 4). Cancelling is
   the store's business (DELETE, replace), wherever the producer runs.
@@ -94,11 +100,41 @@ def refusal_error(message: dict) -> ShmstreamError:
     return exc
 
 
+class RelayDoorbell:
+    """The hand-off connection after a streaming answer: ``wait(seen)`` sends the offset
+    read so far (8 bytes, big-endian) and returns when the relay rings (one byte: the
+    session holds bytes past ``seen``, or ended), at EOF (the relay closed it after the
+    end, or died: ``alive`` turns False) or after ``timeout``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader = reader
+        self._writer = writer
+        self.alive = True
+
+    async def wait(self, seen: int, timeout: float) -> None:
+        try:
+            self._writer.write(seen.to_bytes(8, "big"))
+            async with asyncio.timeout(timeout):
+                rung = await self._reader.read(64)  # rings that piled up count as one
+        except TimeoutError:
+            return
+        except OSError:
+            rung = b""
+        if not rung:
+            self.close()
+
+    def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+
 class RelayTicket:
     """A submitted request: the session's token, and the upstream's answer to come.
 
     Holds the request's connection to its relay until :meth:`answer` resolved or
-    :meth:`close` was called; neither cancels the generation."""
+    :meth:`close` was called; neither cancels the generation. After a streaming answer
+    :meth:`doorbell` takes the connection over."""
 
     def __init__(self, conversation_id: str, token: str,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -122,12 +158,15 @@ class RelayTicket:
             return self._answer
         if self._writer is None:
             raise RelayUnavailable("relay ticket closed before the upstream answered")
+        message = None
         try:
             message = await wire.read_frame(self._reader)
         except (OSError, asyncio.IncompleteReadError, wire.FrameError):
             message = None
         finally:
-            self.close()
+            if message is None or message.get("op") != "answer" or \
+                    message.get("body") is not None:
+                self.close()  # a stream keeps it for doorbell()
         if message is None or message.get("op") != "answer":
             raise RelayUnavailable("relay process went away before the upstream answered")
         body = message.get("body")
@@ -137,6 +176,12 @@ class RelayTicket:
             body=bytes(body) if body is not None else None,
         )
         return self._answer
+
+    def doorbell(self) -> RelayDoorbell | None:
+        """After a streaming answer: the connection, as the reader's line to the producer
+        (the caller closes it); None if the ticket was closed."""
+        writer, self._writer = self._writer, None
+        return RelayDoorbell(self._reader, writer) if writer is not None else None
 
     def close(self) -> None:
         """Drop the connection (the caller left): the generation goes on."""

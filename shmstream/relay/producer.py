@@ -60,6 +60,11 @@ def _at_boundary(tail: bytes) -> bool:
     return not tail or tail.endswith((b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n"))
 
 
+def _ring(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):  # a reader that hung up: nothing to ring
+        writer.write(b"!")
+
+
 def upstream_error(status: int, reason: str, body: bytes) -> dict:
     """The error object for the session: the upstream's own ``error`` object when its
     body has one, else one made from its status."""
@@ -107,6 +112,8 @@ class Producer:
         self._last_append = time.monotonic()
         self._bytes = 0
         self._bytes_reported = 0
+        self.appended = 0  # the session's total: bytes the store took
+        self._doorbells: list[asyncio.StreamWriter] = []  # readers to ring on the next change
 
     # --- the pump ---------------------------------------------------------------------
     def start(self) -> asyncio.Task:
@@ -123,6 +130,7 @@ class Producer:
                 self.session.finalize(State.ABORTED)
             finally:
                 self.session.close()
+                self._ring_doorbells()
             self._set_answer(SSE_ANSWER)
 
     def _set_answer(self, answer: RelayAnswer) -> None:
@@ -137,6 +145,9 @@ class Producer:
         if not self.open:
             return False
         appended = self.session.append(data)
+        if appended:
+            self.appended += len(data)
+            self._ring_doorbells()
         self._last_append = time.monotonic()
         window = self._tail + data
         # A plain search first: the regex runs only on the rare chunk that may end it.
@@ -233,12 +244,29 @@ class Producer:
             log.exception("session finalize-failed id=%s", self.log_id)
         finally:
             self.session.close()
+            self._ring_doorbells()  # the end: every armed reader polls, finds it, stops
         self._set_answer(SSE_ANSWER)  # cancelled or aborted before the upstream answered
         log.info("session ended id=%s state=%s bytes=%d seconds=%.3f", self.log_id,
                  self.final_state.label if self.final_state else "?", self._bytes,
                  time.monotonic() - self.started)
         if self.final_state is not None:
             metrics.session_ended(self.final_state.label)
+
+    # --- the readers' doorbells (the worker side is relay/handoff.py's RelayDoorbell) -------
+    def ring_when_past(self, seen: int, writer: asyncio.StreamWriter) -> bool:
+        """Ring ``writer`` (one byte) once the session holds bytes past offset ``seen`` or
+        has ended: at once if it does already. False once the end was rung."""
+        if self.open and self.appended <= seen:
+            self._doorbells.append(writer)
+            return True
+        _ring(writer)
+        return self.open
+
+    def _ring_doorbells(self) -> None:
+        if self._doorbells:
+            writers, self._doorbells = self._doorbells, []
+            for writer in writers:
+                _ring(writer)
 
     # --- the ticker's side --------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -252,7 +280,9 @@ class Producer:
             return
         if not self.ended and now - self._last_append >= self.ping_interval:
             if _at_boundary(self._tail):
-                self.session.append(PING)
+                if self.session.append(PING):
+                    self.appended += len(PING)
+                    self._ring_doorbells()
                 self._tail = PING
                 self._bytes += len(PING)
             self._last_append = now

@@ -47,6 +47,7 @@ class RelayServer:
         self.ping_interval = ping_interval
         self.tick = tick
         self.producers: set[Producer] = set()
+        self._handoffs: set[asyncio.Task] = set()  # hand-off connections being served
         self.accepting = False
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task | None = None
@@ -74,26 +75,44 @@ class RelayServer:
 
     # --- one hand-off -------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handoffs.add(task)
         try:
             message = await wire.read_frame(reader)
             if message is None or message.get("op") != "submit":
                 return
             answered = asyncio.get_running_loop().create_future()
-            reply = self.submit(message, answered)
+            reply, producer = self.submit(message, answered)
             await wire.write_frame(writer, reply)
-            if reply["op"] != "created":
+            if producer is None:
                 return
             answer: RelayAnswer = await answered
             await wire.write_frame(writer, {"op": "answer", "status": answer.status,
                                             "headers": [list(h) for h in answer.headers],
                                             "body": answer.body})
+            if answer.body is None:
+                await self._serve_doorbell(producer, reader, writer)
         except (OSError, asyncio.IncompleteReadError, wire.FrameError):
             pass  # the caller went away: the generation is not its to stop
         finally:
+            self._handoffs.discard(task)
             writer.close()
 
-    def submit(self, message: dict, answered: asyncio.Future) -> dict:
-        """Create the session and start its producer; the reply frame for the worker.
+    @staticmethod
+    async def _serve_doorbell(producer: Producer, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        """A stream's hand-off connection, from the answer on: each 8-byte offset the
+        reader sends arms one ring (see RelayDoorbell), until the reader hangs up; after
+        the session's end has been rung, the connection is closed."""
+        while True:
+            seen = int.from_bytes(await reader.readexactly(8), "big")
+            if not producer.ring_when_past(seen, writer):
+                return  # rung for the end: nothing more will come
+
+    def submit(self, message: dict, answered: asyncio.Future
+               ) -> tuple[dict, Producer | None]:
+        """Create the session and start its producer: the reply frame for the worker, and
+        the producer (None if refused).
 
         ``answered`` gets the :class:`RelayAnswer` when the upstream answered."""
         try:
@@ -105,18 +124,18 @@ class RelayServer:
             metadata = dict(message.get("metadata") or {})
         except (KeyError, TypeError, ValueError) as exc:
             return {"op": "refused", "status": 400, "type": "invalid_request_error",
-                    "error": "InvalidRequest", "message": f"bad hand-off: {exc}"}
+                    "error": "InvalidRequest", "message": f"bad hand-off: {exc}"}, None
         token = secrets.token_hex(8)
         metadata[TOKEN_KEY] = token
         try:
             session = self.store.create_or_replace(conversation_id, metadata=metadata)
         except ShmstreamError as exc:
             return {"op": "refused", "status": exc.status, "type": exc.error_type,
-                    "error": type(exc).__name__, "message": exc.message}
+                    "error": type(exc).__name__, "message": exc.message}, None
         except Exception as exc:
             log.exception("relay: create_or_replace failed")
             return {"op": "refused", "status": 500, "type": "server_error",
-                    "error": type(exc).__name__, "message": "Internal server error"}
+                    "error": type(exc).__name__, "message": "Internal server error"}, None
 
         def on_answer(answer: RelayAnswer) -> None:
             if not answered.done():
@@ -130,7 +149,7 @@ class RelayServer:
         self.producers.add(producer)
         self._idle.clear()
         producer.start().add_done_callback(lambda _task: self._forget(producer))
-        return {"op": "created", "token": token}
+        return {"op": "created", "token": token}, producer
 
     def _forget(self, producer: Producer) -> None:
         self.producers.discard(producer)
@@ -187,4 +206,8 @@ class RelayServer:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        handoffs = list(self._handoffs)  # doorbells whose readers did not hang up yet
+        for task in handoffs:
+            task.cancel()
+        await asyncio.gather(*handoffs, return_exceptions=True)
         await self.upstream.aclose()

@@ -10,6 +10,11 @@ relay may ignore). A frame is a 4-byte big-endian length and a msgpack map with 
                       {"op": "refused", "status", "type", "error", "message"}
                       {"op": "answer", "status", "headers", "body": <bin> | None}
 
+After an answer with ``body`` None (a stream) the connection is the reader's doorbell, in
+raw bytes, no frames: the worker sends 8-byte big-endian offsets (how far it has read), the
+relay answers each with one byte ``!`` once the session holds more or has ended, and
+closes the connection after ringing for the end.
+
 Nothing here knows sessions or HTTP; :mod:`shmstream.relay.handoff` (worker side) and
 :mod:`shmstream.relay.server` (relay side) give the frames their meaning.
 """

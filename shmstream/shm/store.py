@@ -300,11 +300,11 @@ class ShmSession(Session):
                     self._i[_WAITERS_I] -= 1
 
     def aread(self, offset: int = 0, wake_interval: float = WAKE_INTERVAL,
-              limit: int | None = None):
+              limit: int | None = None, doorbell=None):
         # An event-loop reader never spins (that would hold the GIL) and never arms a futex
         # wait of its own: the process's one waiter per session wakes it (shm/waiter.py).
         self._evented = True
-        return super().aread(offset, wake_interval, limit)
+        return super().aread(offset, wake_interval, limit, doorbell)
 
     async def _await_change(self, timeout: float) -> None:
         await waiter.hub().wait(self.segment, self._ticket, timeout)
