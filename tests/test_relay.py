@@ -1,6 +1,7 @@
-"""The relay's event loop (LocalRelay: the real hand-off protocol over a unix socket) against
-the scripted SSE upstream in a thread (real sockets): verbatim relaying, pings, cancels,
-error mapping, a caller that leaves, shutdown, and issue 16's no-ping-after-the-end race."""
+"""The relay's event loop (LocalRelay: the real hand-off protocol over a unix socket, with
+the relays' aiohttp client) against the scripted SSE upstream in a thread (real sockets):
+verbatim relaying, pings, the doorbell to the starting request, cancels, error mapping, a
+caller that leaves, shutdown, and issue 16's no-ping-after-the-end race."""
 
 from __future__ import annotations
 
@@ -12,12 +13,8 @@ import pytest
 from polling import wait_for
 from sse_upstream import InThreadUpstream, expected_body
 
-from shmstream.relay.client import (
-    AsyncUpstream,
-    AsyncUpstreamRequest,
-    AsyncUpstreamResponse,
-    HttpAsyncUpstream,
-)
+from shmstream.relay.aioclient import AiohttpUpstream
+from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest, AsyncUpstreamResponse
 from shmstream.relay.handoff import RelayClient, RelayRequest, RelayUnavailable
 from shmstream.relay.local import LocalRelay
 from shmstream.relay.producer import _TERMINAL, Producer
@@ -44,7 +41,7 @@ def store(namespace):
 
 @pytest.fixture
 def relay(store, upstream_server):
-    with LocalRelay(store, HttpAsyncUpstream(upstream_server.url), PING_INTERVAL) as relay:
+    with LocalRelay(store, AiohttpUpstream(upstream_server.url), PING_INTERVAL) as relay:
         yield relay
 
 
@@ -113,6 +110,48 @@ def test_pings_while_silent_mid_stream_never_split_an_event(relay, store):
     assert data.replace(PING, b"") == expected_body("mid", 4)
 
 
+def _read_with_doorbell(relay, store, conversation_id: str, script: dict,
+                        break_line_after: int | None = None):
+    """Submit, then read the session as the HTTP worker does, woken by the ticket's
+    doorbell: (bytes, futex waiters seen in the header, waiter threads seen, doorbell)."""
+    from shmstream.shm import waiter
+
+    async def go():
+        ticket = await relay.client().submit(completion(conversation_id, script))
+        answer = await ticket.answer()
+        assert answer.streams
+        doorbell = ticket.doorbell()
+        session = store.get(conversation_id)
+        parts, waiters, threads = [], set(), set()
+        try:
+            async for chunk in session.aread(0, doorbell=doorbell):
+                parts.append(chunk)
+                waiters.add(session.info().waiters)
+                threads.add(waiter.hub().waiter_for(session.segment) is not None)
+                if break_line_after is not None and len(parts) == break_line_after:
+                    doorbell.close()  # the line breaks: the store's wake-up takes over
+        finally:
+            session.close()
+            doorbell.close()
+        return b"".join(parts), waiters, threads, doorbell
+    return asyncio.run(go())
+
+
+def test_the_starting_request_is_woken_by_its_relay_not_by_a_waiter_thread(relay, store):
+    data, waiters, threads, _ = _read_with_doorbell(
+        relay, store, "bell", {"tag": "bell", "events": 12, "interval": 0.03})
+    assert data == expected_body("bell", 12)
+    assert waiters == {0} and threads == {False}  # no futex sleeper, no waiter thread
+
+
+def test_a_broken_doorbell_falls_back_to_the_stores_wake_up(relay, store):
+    data, _, threads, doorbell = _read_with_doorbell(
+        relay, store, "bell2", {"tag": "bell2", "events": 12, "interval": 0.03},
+        break_line_after=2)
+    assert data == expected_body("bell2", 12) and not doorbell.alive
+    assert True in threads  # the rest came through this process's waiter for the session
+
+
 def _closed_at(upstream_server, tag: str) -> float:
     return wait_for(lambda: (upstream_server.record(tag) or None)
                     and upstream_server.record(tag).closed_at, timeout=5)
@@ -177,7 +216,7 @@ def test_mid_stream_break_appends_an_error_and_fails(relay, store):
 
 
 def test_unreachable_upstream_gives_502_and_a_failed_session(store):
-    with LocalRelay(store, HttpAsyncUpstream("http://127.0.0.1:9"), PING_INTERVAL) as relay:
+    with LocalRelay(store, AiohttpUpstream("http://127.0.0.1:9"), PING_INTERVAL) as relay:
         _, answer = submit_and_answer(relay.client(), completion("c8", {"tag": "u"}))
     assert answer.status == 502
     assert json.loads(answer.body)["error"]["type"] == "server_error"
@@ -198,7 +237,7 @@ def test_the_caller_leaving_does_not_stop_the_generation(relay, store, upstream_
 
 
 def test_stopping_the_relay_aborts_running_sessions(store, upstream_server):
-    relay = LocalRelay(store, HttpAsyncUpstream(upstream_server.url), PING_INTERVAL).start()
+    relay = LocalRelay(store, AiohttpUpstream(upstream_server.url), PING_INTERVAL).start()
     try:
         submit_and_answer(relay.client(), completion("c10", {"tag": "ab", "events": 5,
                                                              "stall_at": 1, "stall": 30}))
@@ -210,7 +249,7 @@ def test_stopping_the_relay_aborts_running_sessions(store, upstream_server):
 
 def test_store_refusal_reaches_the_caller(namespace, upstream_server):
     store = ShmStore(namespace, capacity=64 * 1024, max_sessions=1)
-    with LocalRelay(store, HttpAsyncUpstream(upstream_server.url), PING_INTERVAL) as relay:
+    with LocalRelay(store, AiohttpUpstream(upstream_server.url), PING_INTERVAL) as relay:
         submit_and_answer(relay.client(), completion("q1", {"tag": "q1", "events": 1}))
         with pytest.raises(StoreUnavailable):
             submit_and_answer(relay.client(), completion("q2", {"tag": "q2", "events": 1}))
