@@ -139,7 +139,7 @@ class _FlakyStore:
     def __init__(self, error: Exception | None):
         self.error = error
 
-    def abort_producers(self, pids=None) -> int:
+    def abort_producers(self, pids=None, repeated=False) -> int:
         if self.error is not None:
             raise self.error
         return 0
@@ -177,3 +177,37 @@ def test_supervisor_stays_quiet_on_an_outage_the_store_logged_itself(caplog):
     error = StoreUnavailable("session store unavailable: Redis at 127.0.0.1:1: refused")
     error.logged = True  # what the Redis backend's Health raises (it logged the change)
     assert _outage_lines(error, caplog) == []
+
+
+def test_the_repeated_reaper_skips_ended_sessions_and_catches_a_replacement(namespace):
+    """abort_producers(repeated=True), the supervisor's pass: running sessions stay mapped
+    between passes, an ended one is never opened again, a replacement under the same name
+    (a new segment) is examined afresh, and a name that went drops its mapping."""
+    from shmstream.shm import upkeep
+
+    store = ShmStore(namespace, capacity=4096)
+    live = store.create_or_replace("live")  # produced by this process: alive
+    ended = store.create_or_replace("ended")
+    ended.finalize()
+    reaper = upkeep.Reaper(store)
+    try:
+        assert reaper.run() == 0
+        names = {}
+        for conversation_id in ("live", "ended"):
+            with store.get(conversation_id) as handle:
+                names[handle.segment.name] = conversation_id
+        assert {names[n] for n in reaper._open} == {"live"}
+        assert {names[n] for n, _ in reaper._ended} == {"ended"}
+        # Replaced by a session whose producer died: a new inode under the same name.
+        _start_dead_producer(namespace, "ended")
+        assert reaper.run() == 1
+        with store.get("ended") as again:
+            assert again.info().state is State.ABORTED
+        live.finalize()
+        store.evict("live")
+        assert reaper.run() == 0
+        assert reaper._open == {}  # nothing of an evicted session stays mapped here
+    finally:
+        reaper.close()
+        live.close()
+        ended.close()

@@ -428,7 +428,8 @@ class RedisStore(SessionStore):
         return report
 
     @store_call
-    def abort_producers(self, pids: Iterable[int] | None = None) -> int:
+    def abort_producers(self, pids: Iterable[int] | None = None, repeated: bool = False
+                        ) -> int:
         """Abort the running sessions produced on this machine (same boot, same pid
         namespace) by a process that is dead (``pids`` None) or one of ``pids``, without
         waiting for their leases to run out. Returns how many were aborted."""

@@ -113,7 +113,7 @@ class Supervisor:
         getattr(self, f"handle_{name}")()
 
     def reap(self) -> int:
-        aborted = self.store.abort_producers()
+        aborted = self.store.abort_producers(repeated=True)
         if aborted:
             log.warning("reaped %d session(s) whose producer died", aborted)
             metrics.producers_reaped(aborted, "supervisor")

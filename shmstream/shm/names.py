@@ -73,6 +73,19 @@ def list_names(namespace: str, prefix: str | None = None) -> list[str]:
     return sorted(e for e in shm_entries() if e.startswith(start) and pattern.fullmatch(e))
 
 
+def list_name_inodes(namespace: str) -> dict[str, int]:
+    """:func:`list_names` with each object's inode (from the directory listing itself: no
+    stat), which tells a name's current segment from a replaced one."""
+    pattern = name_pattern(namespace)
+    start = namespace + "."
+    try:
+        with os.scandir(SHM_DIR) as entries:
+            return {e.name: e.inode() for e in entries
+                    if e.name.startswith(start) and pattern.fullmatch(e.name)}
+    except FileNotFoundError:
+        return {}
+
+
 def list_retired(namespace: str) -> list[str]:
     """Names of replaced or removed segments that were still mapped when they went."""
     pattern = retired_pattern(namespace)

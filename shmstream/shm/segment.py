@@ -43,6 +43,7 @@ from shmstream.shm.names import (  # noqa: F401 - segment is the shm modules' on
     index_dir,
     indexed_names,
     is_indexed,
+    list_name_inodes,
     list_names,
     list_retired,
     lookup_prefixes,

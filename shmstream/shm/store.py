@@ -335,6 +335,7 @@ class ShmStore(SessionStore):
         self.ttl = ttl
         self.max_sessions = max_sessions
         self.max_shm_bytes = max_shm_bytes
+        self._reaper = None  # upkeep.Reaper, made by abort_producers(repeated=True)
         self._registry_lock = segment.registry_lock_path(namespace)
         self._quota = Quota(self.namespace, max_sessions, max_shm_bytes, capacity)
         self._may_grow = None if max_shm_bytes is None else self._quota.allows_growth
@@ -526,14 +527,25 @@ class ShmStore(SessionStore):
 
         return upkeep.gc(self, now)
 
-    def abort_producers(self, pids: Iterable[int] | None = None) -> int:
-        """See :func:`shmstream.shm.upkeep.abort_producers`."""
+    def abort_producers(self, pids: Iterable[int] | None = None, repeated: bool = False
+                        ) -> int:
+        """See :func:`shmstream.shm.upkeep.abort_producers`; ``repeated`` keeps a
+        :class:`~shmstream.shm.upkeep.Reaper` (running sessions stay mapped between calls:
+        never in a process that forks, like gunicorn's master)."""
         from shmstream.shm import upkeep
 
-        return upkeep.abort_producers(self, pids)
+        if not repeated:
+            return upkeep.abort_producers(self, pids)
+        if self._reaper is None:
+            self._reaper = upkeep.Reaper(self)
+        return self._reaper.run(pids)
 
     def allocated_bytes(self) -> int:
         return segment.namespace_allocated_bytes(self.namespace)
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.close()
 
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable
 
@@ -119,31 +120,81 @@ def abort_producers(store: ShmStore, pids: Iterable[int] | None = None) -> int:
     is being stopped); release locks held by dead processes on the way. A producer of
     another pid namespace is never judged dead here. Returns how many were aborted.
 
-    Cheaper than :meth:`gc`: it takes the registry lock only to open each segment.
+    Cheaper than :meth:`gc`: it takes the registry lock only to open each segment. A
+    process that calls it again and again uses a :class:`Reaper`.
     """
-    targets = None if pids is None else set(pids)
-    aborted = 0
-    for name in segment.list_names(store.namespace):
-        session = open_any(store, name)
-        if session is None:
-            continue
-        try:
-            session.segment.lock.release_if_dead_owner()
-            try:
-                state, _, producer, pid = session.lifecycle(REAP_LOCK_TIMEOUT)
-            except LockTimeout:
-                log.error("segment %s: lock stuck; left to gc", name)
-                continue
-            if state is not State.RUNNING:
-                continue
-            if producer_doomed(producer, pid, targets) and session.finalize(State.ABORTED):
-                aborted += 1
-                log.warning("session aborted id=%s producer pid %d %s (segment %s)",
-                            _id_tag(session), pid,
-                            "died" if targets is None else "stopped", name)
-        finally:
+    return Reaper(store).run(pids, keep_open=False)
+
+
+class Reaper:
+    """:func:`abort_producers` for a process that runs it again and again (the supervisor,
+    every 0.5 s). It remembers the segments it found ended (by name and inode: a session
+    never runs again, a replacement is a new inode) and keeps the running ones mapped
+    between passes, so a pass costs one directory listing plus one locked header read
+    per *running* session, not an open and a close of every retained one. A mapping is
+    dropped in the pass that finds its session ended or its name gone or replaced."""
+
+    def __init__(self, store: ShmStore):
+        self.store = store
+        self._ended: set[tuple[str, int]] = set()
+        self._open: dict[str, ShmSession] = {}
+        self._lock = threading.Lock()
+
+    def run(self, pids: Iterable[int] | None = None, keep_open: bool = True) -> int:
+        targets = None if pids is None else set(pids)
+        aborted = 0
+        with self._lock:
+            present = segment.list_name_inodes(self.store.namespace)
+            for name, session in list(self._open.items()):
+                if present.get(name) != session.segment.inode:
+                    self._drop(name)
+            self._ended = {key for key in self._ended if present.get(key[0]) == key[1]}
+            for name, inode in present.items():
+                if (name, inode) in self._ended:
+                    continue
+                session = self._open.get(name) or open_any(self.store, name)
+                if session is None:
+                    continue
+                self._open[name] = session
+                try:
+                    running, killed = self._reap(session, name, targets)
+                except BaseException:
+                    self._drop(name)
+                    raise
+                aborted += killed
+                if not running:
+                    self._ended.add((name, session.segment.inode))
+                if not running or not keep_open:
+                    self._drop(name)
+        return aborted
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._open):
+                self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        session = self._open.pop(name, None)
+        if session is not None:
             session.close()
-    return aborted
+
+    @staticmethod
+    def _reap(session: ShmSession, name: str, targets: set[int] | None) -> tuple[bool, int]:
+        """(whether the session still runs, how many were aborted: 0 or 1)."""
+        session.segment.lock.release_if_dead_owner()
+        try:
+            state, _, producer, pid = session.lifecycle(REAP_LOCK_TIMEOUT)
+        except LockTimeout:
+            log.error("segment %s: lock stuck; left to gc", name)
+            return True, 0
+        if state is not State.RUNNING:
+            return False, 0
+        if producer_doomed(producer, pid, targets) and session.finalize(State.ABORTED):
+            log.warning("session aborted id=%s producer pid %d %s (segment %s)",
+                        _id_tag(session), pid,
+                        "died" if targets is None else "stopped", name)
+            return False, 1
+        return True, 0
 
 
 def _id_tag(session: ShmSession) -> str:

@@ -274,10 +274,14 @@ class SessionStore(abc.ABC):
         not show (shm: replaced segments that readers still map); None if unknown."""
         return None
 
-    def abort_producers(self, pids: Iterable[int] | None = None) -> int:
+    def abort_producers(self, pids: Iterable[int] | None = None, repeated: bool = False
+                        ) -> int:
         """Finalize as ``aborted`` running sessions whose producer process on this host died
         (``pids`` None) or is one of ``pids``. Returns how many. Backends that detect dead
-        producers by other means (a lease) may rely on :meth:`gc` and return 0."""
+        producers by other means (a lease) may rely on :meth:`gc` and return 0.
+
+        ``repeated``: the caller reaps again and again (the supervisor), so the backend may
+        keep what it learnt between calls to make each pass cheaper."""
         return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
