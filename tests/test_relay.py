@@ -140,7 +140,7 @@ def _read_with_doorbell(relay, store, conversation_id: str, script: dict,
 def test_the_starting_request_is_woken_by_its_relay_not_by_a_waiter_thread(relay, store):
     data, waiters, threads, _ = _read_with_doorbell(
         relay, store, "bell", {"tag": "bell", "events": 12, "interval": 0.03})
-    assert data == expected_body("bell", 12)
+    assert data.replace(PING, b"") == expected_body("bell", 12)  # a slow box may ping
     assert waiters == {0} and threads == {False}  # no futex sleeper, no waiter thread
 
 
