@@ -17,8 +17,8 @@ An HTTP worker that accepts a streamed completion does not talk to the upstream 
   for a non-2xx answer (PROTOCOL.md rule 2: sent to the caller unchanged); for a stream
   ``body`` is None and the caller's response is the session from offset 0.
 - For a stream, :meth:`RelayTicket.doorbell` keeps the connection as a line to the
-  producer: the reader says how far it has read and the relay rings (one byte) as soon as
-  the session holds more or ended (:class:`RelayDoorbell`). The reader waits on that
+  producer: the relay rings it (one byte) after every append and closes it at the end
+  (:class:`RelayDoorbell`). The reader waits on that
   instead of the store's waiter thread and futex: the cheapest wake-up an HTTP worker can
   have, and the one almost every event takes (the request that started an answer reads
   it). If the line breaks the reader falls back to the store's wake-up.
@@ -101,21 +101,21 @@ def refusal_error(message: dict) -> ShmstreamError:
 
 
 class RelayDoorbell:
-    """The hand-off connection after a streaming answer: ``wait(seen)`` sends the offset
-    read so far (8 bytes, big-endian) and returns when the relay rings (one byte: the
-    session holds bytes past ``seen``, or ended), at EOF (the relay closed it after the
-    end, or died: ``alive`` turns False) or after ``timeout``."""
+    """The hand-off connection after a streaming answer. The relay writes one byte after
+    each append (none while earlier ones are unread) and closes it after the end, so
+    :meth:`wait` returns when a byte or EOF arrives (EOF, or a relay that died: ``alive``
+    turns False) or after ``timeout``. A byte rung before the reader's last poll only
+    makes it poll once more: it reads all that piled up at once."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._reader = reader
         self._writer = writer
         self.alive = True
 
-    async def wait(self, seen: int, timeout: float) -> None:
+    async def wait(self, timeout: float) -> None:
         try:
-            self._writer.write(seen.to_bytes(8, "big"))
             async with asyncio.timeout(timeout):
-                rung = await self._reader.read(64)  # rings that piled up count as one
+                rung = await self._reader.read(1 << 16)
         except TimeoutError:
             return
         except OSError:

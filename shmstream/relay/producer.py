@@ -113,7 +113,7 @@ class Producer:
         self._bytes = 0
         self._bytes_reported = 0
         self.appended = 0  # the session's total: bytes the store took
-        self._doorbells: list[asyncio.StreamWriter] = []  # readers to ring on the next change
+        self._doorbells: set[asyncio.StreamWriter] = set()  # readers rung on every change
 
     # --- the pump ---------------------------------------------------------------------
     def start(self) -> asyncio.Task:
@@ -130,7 +130,7 @@ class Producer:
                 self.session.finalize(State.ABORTED)
             finally:
                 self.session.close()
-                self._ring_doorbells()
+                self._ring_doorbells_for_the_end()
             self._set_answer(SSE_ANSWER)
 
     def _set_answer(self, answer: RelayAnswer) -> None:
@@ -244,7 +244,7 @@ class Producer:
             log.exception("session finalize-failed id=%s", self.log_id)
         finally:
             self.session.close()
-            self._ring_doorbells()  # the end: every armed reader polls, finds it, stops
+            self._ring_doorbells_for_the_end()
         self._set_answer(SSE_ANSWER)  # cancelled or aborted before the upstream answered
         log.info("session ended id=%s state=%s bytes=%d seconds=%.3f", self.log_id,
                  self.final_state.label if self.final_state else "?", self._bytes,
@@ -253,20 +253,32 @@ class Producer:
             metrics.session_ended(self.final_state.label)
 
     # --- the readers' doorbells (the worker side is relay/handoff.py's RelayDoorbell) -------
-    def ring_when_past(self, seen: int, writer: asyncio.StreamWriter) -> bool:
-        """Ring ``writer`` (one byte) once the session holds bytes past offset ``seen`` or
-        has ended: at once if it does already. False once the end was rung."""
-        if self.open and self.appended <= seen:
-            self._doorbells.append(writer)
-            return True
-        _ring(writer)
-        return self.open
+    def add_doorbell(self, writer: asyncio.StreamWriter) -> bool:
+        """Ring ``writer`` (one byte) after every append from now on, and at the end ring
+        it and close it. False if the session ended already (rung and closed at once)."""
+        if not self.open:
+            _ring(writer)
+            writer.close()
+            return False
+        self._doorbells.add(writer)
+        return True
+
+    def remove_doorbell(self, writer: asyncio.StreamWriter) -> None:
+        self._doorbells.discard(writer)
 
     def _ring_doorbells(self) -> None:
-        if self._doorbells:
-            writers, self._doorbells = self._doorbells, []
-            for writer in writers:
+        # A reader's unread rings still in the socket buffer already say "look again"
+        # (all it does is poll the session): one byte more per append would only pile up.
+        for writer in self._doorbells:
+            if not writer.transport.get_write_buffer_size():
                 _ring(writer)
+
+    def _ring_doorbells_for_the_end(self) -> None:
+        writers, self._doorbells = self._doorbells, set()
+        for writer in writers:
+            _ring(writer)
+            with contextlib.suppress(Exception):
+                writer.close()  # after the ring: the reader polls, finds the end, stops
 
     # --- the ticker's side --------------------------------------------------------------
     def tick(self, now: float) -> None:

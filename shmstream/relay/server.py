@@ -87,10 +87,14 @@ class RelayServer:
             if producer is None:
                 return
             answer: RelayAnswer = await answered
-            await wire.write_frame(writer, {"op": "answer", "status": answer.status,
-                                            "headers": [list(h) for h in answer.headers],
-                                            "body": answer.body})
-            if answer.body is None:
+            writer.write(wire.encode({"op": "answer", "status": answer.status,
+                                      "headers": [list(h) for h in answer.headers],
+                                      "body": answer.body}))
+            # A stream: ring from the answer on (in the same step as its frame, so every
+            # append the reader's first poll may miss is rung, after the frame).
+            ringing = answer.body is None and producer.add_doorbell(writer)
+            await writer.drain()
+            if ringing:
                 await self._serve_doorbell(producer, reader, writer)
         except (OSError, asyncio.IncompleteReadError, wire.FrameError):
             pass  # the caller went away: the generation is not its to stop
@@ -101,13 +105,13 @@ class RelayServer:
     @staticmethod
     async def _serve_doorbell(producer: Producer, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
-        """A stream's hand-off connection, from the answer on: each 8-byte offset the
-        reader sends arms one ring (see RelayDoorbell), until the reader hangs up; after
-        the session's end has been rung, the connection is closed."""
-        while True:
-            seen = int.from_bytes(await reader.readexactly(8), "big")
-            if not producer.ring_when_past(seen, writer):
-                return  # rung for the end: nothing more will come
+        """A stream's hand-off connection from the answer on: the producer rings it on
+        every append and closes it at the end (see RelayDoorbell); the reader sends
+        nothing, so this only waits for it to hang up."""
+        try:
+            await reader.read()
+        finally:
+            producer.remove_doorbell(writer)
 
     def submit(self, message: dict, answered: asyncio.Future
                ) -> tuple[dict, Producer | None]:

@@ -11,9 +11,9 @@ relay may ignore). A frame is a 4-byte big-endian length and a msgpack map with 
                       {"op": "answer", "status", "headers", "body": <bin> | None}
 
 After an answer with ``body`` None (a stream) the connection is the reader's doorbell, in
-raw bytes, no frames: the worker sends 8-byte big-endian offsets (how far it has read), the
-relay answers each with one byte ``!`` once the session holds more or has ended, and
-closes the connection after ringing for the end.
+raw bytes, no frames: the relay writes one byte ``!`` after each append (none while its
+earlier ones sit unread in the socket buffer) and closes the connection after ringing for
+the end; the worker sends nothing.
 
 Nothing here knows sessions or HTTP; :mod:`shmstream.relay.handoff` (worker side) and
 :mod:`shmstream.relay.server` (relay side) give the frames their meaning.

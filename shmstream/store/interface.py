@@ -78,16 +78,16 @@ def matches_lookup(conversation_id: str, requested: str) -> bool:
 
 
 class ProducerDoorbell(Protocol):
-    """A line to the session's producer itself, which rings it as soon as the session
-    holds bytes past what the reader has seen, or has ended (the relay's hand-off
+    """A line to the session's producer itself, which rings it after every change (new
+    bytes, the end) that may have come after the reader's last poll (the relay's hand-off
     connection, :class:`shmstream.relay.handoff.RelayDoorbell`). Cheaper per event than
     the store's own wake-up: no waiter thread, no futex, one socket read in the loop."""
 
     alive: bool  # False once the line broke: the reader falls back to the store's wake-up
 
-    async def wait(self, seen: int, timeout: float) -> None:
-        """Return once the producer rang (bytes past offset ``seen``, or the end), the line
-        broke, or ``timeout`` seconds passed."""
+    async def wait(self, timeout: float) -> None:
+        """Return once the producer rang, the line broke, or ``timeout`` seconds passed.
+        A ring may be stale (the change was already polled): the reader just polls."""
 
 
 class Session(abc.ABC):
@@ -206,7 +206,7 @@ class Session(abc.ABC):
             elif finished:
                 return
             elif doorbell is not None and doorbell.alive:
-                await doorbell.wait(offset, wake_interval)
+                await doorbell.wait(wake_interval)
             else:
                 await self._await_change(wake_interval)
 
