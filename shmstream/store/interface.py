@@ -203,6 +203,10 @@ class Session(abc.ABC):
             if chunk:
                 offset += len(chunk)
                 yield chunk
+                if not finished and doorbell is not None and doorbell.alive:
+                    # Every change since that poll has rung (or left a ring unread): wait
+                    # for one before polling again, which saves the poll that finds nothing.
+                    await doorbell.wait(wake_interval)
             elif finished:
                 return
             elif doorbell is not None and doorbell.alive:
