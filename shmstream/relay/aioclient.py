@@ -5,8 +5,8 @@ token of every answer, one small chunk at a time, and that read is its hot path.
 streams of one chunk per read on this repository's 2-core machine, httpx cost 98 µs of CPU
 per chunk on asyncio and 76 µs on uvloop (a timeout scope and several context managers
 per read in httpcore/anyio, h11 parsing in Python); aiohttp, whose parser is C, cost 22 µs
-on uvloop. The HTTP workers' proxy keeps httpx: it streams request bodies and is not
-per-token.
+on uvloop (``scripts/bench_upstream_client.py``, side by side in one run). The HTTP
+workers' proxy keeps httpx: it streams request bodies and is not per-token.
 
 Cancelling the task that awaits :meth:`AiohttpUpstream.open` or iterates the body, then
 :meth:`_AiohttpResponse.aclose`, closes that request's connection (a body not read to its
