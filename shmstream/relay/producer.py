@@ -112,7 +112,6 @@ class Producer:
         self._last_append = time.monotonic()
         self._bytes = 0
         self._bytes_reported = 0
-        self.appended = 0  # the session's total: bytes the store took
         self._doorbells: set[asyncio.StreamWriter] = set()  # readers rung on every change
 
     # --- the pump ---------------------------------------------------------------------
@@ -146,7 +145,6 @@ class Producer:
             return False
         appended = self.session.append(data)
         if appended:
-            self.appended += len(data)
             self._ring_doorbells()
         self._last_append = time.monotonic()
         window = self._tail + data
@@ -293,7 +291,6 @@ class Producer:
         if not self.ended and now - self._last_append >= self.ping_interval:
             if _at_boundary(self._tail):
                 if self.session.append(PING):
-                    self.appended += len(PING)
                     self._ring_doorbells()
                 self._tail = PING
                 self._bytes += len(PING)
