@@ -308,11 +308,13 @@ def bench_scale(namespace: str, count: int, samples: int) -> dict:
         started = time.perf_counter()
         store.abort_producers()  # one pass from nothing (gunicorn's master)
         reap_s = time.perf_counter() - started
-        store.abort_producers(repeated=True)  # the supervisor's first pass maps them ...
+        for conversation_id in ids:  # retained: finished within the TTL
+            with store.get(conversation_id) as handle:
+                handle.finalize()
+        store.abort_producers(repeated=True)  # the supervisor's first pass notes them ...
         started = time.perf_counter()
-        store.abort_producers(repeated=True)  # ... and every later one (each 0.5 s) reuses
+        store.abort_producers(repeated=True)  # ... and every later one (each 0.5 s) skips
         reap_again_s = time.perf_counter() - started
-        store.close()  # the repeated reaper's mappings
         progress(f"scale {count:,}: get while another process runs gc passes")
         collector = CTX.Process(target=_gc_passes, args=(store.namespace, gc_s * 3 + 1))
         collector.start()

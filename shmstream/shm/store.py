@@ -530,8 +530,7 @@ class ShmStore(SessionStore):
     def abort_producers(self, pids: Iterable[int] | None = None, repeated: bool = False
                         ) -> int:
         """See :func:`shmstream.shm.upkeep.abort_producers`; ``repeated`` keeps a
-        :class:`~shmstream.shm.upkeep.Reaper` (running sessions stay mapped between calls:
-        never in a process that forks, like gunicorn's master)."""
+        :class:`~shmstream.shm.upkeep.Reaper`, which skips the sessions it found ended."""
         from shmstream.shm import upkeep
 
         if not repeated:
@@ -543,9 +542,6 @@ class ShmStore(SessionStore):
     def allocated_bytes(self) -> int:
         return segment.namespace_allocated_bytes(self.namespace)
 
-    def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.close()
 
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""

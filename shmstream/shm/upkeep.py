@@ -123,60 +123,45 @@ def abort_producers(store: ShmStore, pids: Iterable[int] | None = None) -> int:
     Cheaper than :meth:`gc`: it takes the registry lock only to open each segment. A
     process that calls it again and again uses a :class:`Reaper`.
     """
-    return Reaper(store).run(pids, keep_open=False)
+    return Reaper(store).run(pids)
 
 
 class Reaper:
     """:func:`abort_producers` for a process that runs it again and again (the supervisor,
-    every 0.5 s). It remembers the segments it found ended (by name and inode: a session
-    never runs again, a replacement is a new inode) and keeps the running ones mapped
-    between passes, so a pass costs one directory listing plus one locked header read
-    per *running* session, not an open and a close of every retained one. A mapping is
-    dropped in the pass that finds its session ended or its name gone or replaced."""
+    every 0.5 s). It remembers the segments it found ended, by name and inode (a session
+    never runs again; a replacement is a new inode), and never opens those again: a pass
+    costs one directory listing plus an open, a locked header read and a close per
+    *running* session, not per retained one.
+
+    It keeps no segment mapped between passes: a segment mapped anywhere when it is
+    deleted or replaced is retired, and its pages stay taken until gc (a DELETE right
+    after an answer ended then left a full /dev/shm full)."""
 
     def __init__(self, store: ShmStore):
         self.store = store
         self._ended: set[tuple[str, int]] = set()
-        self._open: dict[str, ShmSession] = {}
         self._lock = threading.Lock()
 
-    def run(self, pids: Iterable[int] | None = None, keep_open: bool = True) -> int:
+    def run(self, pids: Iterable[int] | None = None) -> int:
         targets = None if pids is None else set(pids)
         aborted = 0
         with self._lock:
             present = segment.list_name_inodes(self.store.namespace)
-            for name, session in list(self._open.items()):
-                if present.get(name) != session.segment.inode:
-                    self._drop(name)
             self._ended = {key for key in self._ended if present.get(key[0]) == key[1]}
             for name, inode in present.items():
                 if (name, inode) in self._ended:
                     continue
-                session = self._open.get(name) or open_any(self.store, name)
+                session = open_any(self.store, name)
                 if session is None:
                     continue
-                self._open[name] = session
                 try:
                     running, killed = self._reap(session, name, targets)
-                except BaseException:
-                    self._drop(name)
-                    raise
+                    if not running:
+                        self._ended.add((name, session.segment.inode))
+                finally:
+                    session.close()
                 aborted += killed
-                if not running:
-                    self._ended.add((name, session.segment.inode))
-                if not running or not keep_open:
-                    self._drop(name)
         return aborted
-
-    def close(self) -> None:
-        with self._lock:
-            for name in list(self._open):
-                self._drop(name)
-
-    def _drop(self, name: str) -> None:
-        session = self._open.pop(name, None)
-        if session is not None:
-            session.close()
 
     @staticmethod
     def _reap(session: ShmSession, name: str, targets: set[int] | None) -> tuple[bool, int]:
