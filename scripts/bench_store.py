@@ -306,7 +306,7 @@ def bench_scale(namespace: str, count: int, samples: int) -> dict:
         gc_s = time.perf_counter() - started
         assert listed == count and report.kept == count, (listed, report)
         started = time.perf_counter()
-        store.abort_producers()  # one pass from nothing (gunicorn's master)
+        store.abort_producers()  # one pass from nothing (gunicorn's master), all running
         reap_s = time.perf_counter() - started
         for conversation_id in ids:  # retained: finished within the TTL
             with store.get(conversation_id) as handle:
