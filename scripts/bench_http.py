@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import httpx  # noqa: E402
+from benchkit import process_tree_cpu  # noqa: E402
 from service import Service  # noqa: E402
 from sse_upstream import UpstreamProcess  # noqa: E402
 
@@ -120,25 +121,7 @@ async def timed_stream(port: int, path: str, body: bytes, headers: dict, stats: 
 
 def cpu_seconds(root_pids: list[int]) -> dict[int, float]:
     """CPU seconds (user + system) of each process in the trees under ``root_pids``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    wanted, grew = set(root_pids), True
-    while grew:
-        grew = False
-        for pid, (parent, _) in stats.items():
-            if parent in wanted and pid not in wanted:
-                wanted.add(pid)
-                grew = True
-    return {pid: stats[pid][1] for pid in wanted if pid in stats}
+    return {pid: user + system for pid, (user, system) in process_tree_cpu(root_pids).items()}
 
 
 def _percentile(values: list[int], q: float) -> float:

@@ -49,6 +49,8 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from benchkit import process_tree_cpu  # noqa: E402
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency of the service
@@ -424,25 +426,8 @@ def load_main(options: dict) -> None:
 
 def cpu_times(root_pids: list[int]) -> tuple[float, float]:
     """(user, system) CPU seconds of every process in the trees under ``root_pids``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry)] = (int(fields[1]), int(fields[11]) / tick, int(fields[12]) / tick)
-    wanted, grew = set(root_pids), True
-    while grew:
-        grew = False
-        for pid, (parent, _, _) in stats.items():
-            if parent in wanted and pid not in wanted:
-                wanted.add(pid)
-                grew = True
-    return (sum(stats[p][1] for p in wanted if p in stats),
-            sum(stats[p][2] for p in wanted if p in stats))
+    times = process_tree_cpu(root_pids).values()
+    return sum(user for user, _ in times), sum(system for _, system in times)
 
 
 def _role(pid: int, root_pid: int) -> str:
@@ -462,41 +447,16 @@ def _role(pid: int, root_pid: int) -> str:
 
 def cpu_by_role(root_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of the tree under ``root_pid``, by kind of process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    wanted, grew = {root_pid}, True
-    while grew:
-        grew = False
-        for pid, (parent, _) in stats.items():
-            if parent in wanted and pid not in wanted:
-                wanted.add(pid)
-                grew = True
     roles: dict[str, float] = {}
-    for pid in wanted & stats.keys():
+    for pid, (user, system) in process_tree_cpu([root_pid]).items():
         role = _role(pid, root_pid)
-        roles[role] = roles.get(role, 0.0) + stats[pid][1]
+        roles[role] = roles.get(role, 0.0) + user + system
     return roles
 
 
 def tree_rss_bytes(root_pid: int) -> int:
-    total, pids = 0, {root_pid}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    if int(handle.read().rsplit(")", 1)[1].split()[1]) in pids:
-                        pids.add(int(entry))
-            except OSError:
-                continue
-    for pid in pids:
+    total = 0
+    for pid in process_tree_cpu([root_pid]):
         try:
             with open(f"/proc/{pid}/status") as handle:
                 for line in handle:

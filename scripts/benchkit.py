@@ -1,6 +1,6 @@
-"""What scripts/bench_store.py and scripts/bench_backends.py share: the event, the clock,
-child processes and their reader loops, the append loop, and the summaries of a latency,
-fan-out and replay run. Imported by those scripts after they put the repository root on
+"""What the benchmark scripts share: the event, the clock, child processes and their reader
+loops, the append loop, the summaries of a latency, fan-out and replay run, and the CPU of
+a process tree. Imported by those scripts after they put the repository root on
 ``sys.path`` (the scripts directory is there already, as the directory of the script run).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,30 @@ EVENT = b"x" * 199 + b"\n"  # 200 B
 MIB = 1024 * 1024
 PR_SET_PDEATHSIG = 1
 CHILD_DEADLINE = 300.0  # a child gives up after this long, whatever happens to the parent
+
+
+def process_tree_cpu(root_pids: list[int]) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds of each live process in the trees under ``root_pids``,
+    from ``/proc/<pid>/stat``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), int(fields[11]) / tick, int(fields[12]) / tick)
+    wanted, grew = set(root_pids), True
+    while grew:
+        grew = False
+        for pid, (parent, _, _) in stats.items():
+            if parent in wanted and pid not in wanted:
+                wanted.add(pid)
+                grew = True
+    return {pid: stats[pid][1:] for pid in wanted if pid in stats}
 
 
 def monotonic_ns() -> int:
