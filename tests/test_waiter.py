@@ -66,10 +66,9 @@ def test_a_session_that_finishes_while_a_reader_registers_wakes_it(shm_store):
     producer.close()
 
 
-def test_a_cancelled_reader_leaves_no_waiter_behind(shm_store):
-    producer = shm_store.create_or_replace("cancel")
-    reader = shm_store.get("cancel")
-
+def wait_then_leave(producer, reader) -> None:
+    """``reader`` waits on its (empty, running) session until this process's waiter is
+    counted in the header, then its task is cancelled, as a client that leaves."""
     async def main():
         task = asyncio.create_task(anext(reader.aread(0)))
         while producer.info().waiters != 1:
@@ -79,6 +78,13 @@ def test_a_cancelled_reader_leaves_no_waiter_behind(shm_store):
             await task
 
     asyncio.run(main())
+
+
+def test_a_cancelled_reader_leaves_no_waiter_behind(shm_store):
+    producer = shm_store.create_or_replace("cancel")
+    reader = shm_store.get("cancel")
+
+    wait_then_leave(producer, reader)
     # the waiter lingers briefly for readers that come back, then unmaps and uncounts
     assert wait_until(lambda: waiter.hub().waiter_count() == 0, 5)
     assert producer.info().waiters == 0
@@ -98,15 +104,7 @@ def test_a_session_ending_while_its_waiter_lingers_is_unmapped_at_once(shm_store
     reader = shm_store.get("linger")
     path = os.path.join(segment.SHM_DIR, producer.segment.name)
 
-    async def leave_while_running():
-        task = asyncio.create_task(anext(reader.aread(0)))
-        while producer.info().waiters != 1:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(leave_while_running())
+    wait_then_leave(producer, reader)
     reader.close()
     producer.append(b"more")  # wakes the waiter: nobody waits now, it lingers
     # ... on the doorbell, counted again (one that lingered on a local condition, deaf to
