@@ -542,7 +542,6 @@ class ShmStore(SessionStore):
     def allocated_bytes(self) -> int:
         return segment.namespace_allocated_bytes(self.namespace)
 
-
     def purge(self) -> int:
         """Remove every segment, semaphore and lock file of the namespace. Returns a count."""
         with flocked(self._registry_lock):

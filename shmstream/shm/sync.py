@@ -150,18 +150,17 @@ EPOCH_MASK = (1 << EPOCH_BITS) - 1
 
 
 class OwnerStamp:
-    """This process's part of a lock stamp (its start time, shifted), refreshed after fork
-    (after :class:`Identity`, whose fork hook was registered first)."""
+    """What this process records as a lock holder, refreshed after fork (after
+    :class:`Identity`, whose fork hook was registered first): ``record`` is (its part of
+    the stamp: its start time, shifted; its scope; its pid), one attribute load on the
+    append path (a class attribute load is not cheap; three of them were ~10% of it)."""
 
-    base = 0
-    # (base, scope, pid): the three values a holder records, one attribute load on the
-    # append path (a class attribute load is not cheap; three of them were ~10% of it).
     record = (0, 0, 0)
 
     @classmethod
     def refresh(cls) -> None:
-        cls.base = (Identity.start & ((1 << (64 - EPOCH_BITS)) - 1)) << EPOCH_BITS
-        cls.record = (cls.base, Identity.scope, Identity.pid)
+        base = (Identity.start & ((1 << (64 - EPOCH_BITS)) - 1)) << EPOCH_BITS
+        cls.record = (base, Identity.scope, Identity.pid)
 
 
 OwnerStamp.refresh()
