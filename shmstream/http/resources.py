@@ -175,15 +175,13 @@ class ProxyResource:
             body=body, metadata={"model": model} if isinstance(model, str) else {},
         )
         ticket = await self.relay.submit(request)
+        session = None
         try:
             session = self._own_session(ticket)
-            try:
-                answer = await self._answer_unless_gone(ticket, _link(req))
-            except BaseException:
-                if session is not None:
-                    session.close()
-                raise
+            answer = await self._answer_unless_gone(ticket, _link(req))
         except BaseException:
+            if session is not None:
+                session.close()
             ticket.close()
             raise
         if answer is None or not answer.streams or session is None:

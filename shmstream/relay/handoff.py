@@ -158,16 +158,15 @@ class RelayTicket:
             return self._answer
         if self._writer is None:
             raise RelayUnavailable("relay ticket closed before the upstream answered")
-        message = None
         try:
             message = await wire.read_frame(self._reader)
         except (OSError, asyncio.IncompleteReadError, wire.FrameError):
             message = None
-        finally:
-            if message is None or message.get("op") != "answer" or \
-                    message.get("body") is not None:
-                self.close()  # a stream keeps it for doorbell()
+        except BaseException:
+            self.close()
+            raise
         if message is None or message.get("op") != "answer":
+            self.close()
             raise RelayUnavailable("relay process went away before the upstream answered")
         body = message.get("body")
         self._answer = RelayAnswer(
@@ -175,6 +174,8 @@ class RelayTicket:
             headers=[(str(k), str(v)) for k, v in message.get("headers") or []],
             body=bytes(body) if body is not None else None,
         )
+        if not self._answer.streams:
+            self.close()  # a stream keeps the connection for doorbell()
         return self._answer
 
     def doorbell(self) -> RelayDoorbell | None:
