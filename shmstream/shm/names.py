@@ -68,16 +68,14 @@ def shm_entries() -> list[str]:
 def list_names(namespace: str, prefix: str | None = None) -> list[str]:
     """Names of every session segment of ``namespace`` (optionally under ``prefix``), by
     listing /dev/shm: for list, gc and quotas; lookups use :func:`indexed_names`."""
-    pattern = name_pattern(namespace)
-    start = prefix or namespace + "."
-    return sorted(e for e in shm_entries() if e.startswith(start) and pattern.fullmatch(e))
+    return sorted(list_name_inodes(namespace, prefix))
 
 
-def list_name_inodes(namespace: str) -> dict[str, int]:
+def list_name_inodes(namespace: str, prefix: str | None = None) -> dict[str, int]:
     """:func:`list_names` with each object's inode (from the directory listing itself: no
     stat), which tells a name's current segment from a replaced one."""
     pattern = name_pattern(namespace)
-    start = namespace + "."
+    start = prefix or namespace + "."
     try:
         with os.scandir(SHM_DIR) as entries:
             return {e.name: e.inode() for e in entries
