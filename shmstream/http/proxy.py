@@ -32,10 +32,6 @@ class ProxyAnswer:
     close: object  # async callable: release the upstream connection
 
 
-def _describe(exc: Exception) -> str:
-    kind = type(exc).__name__
-    return f"upstream {kind}: {exc}" if str(exc) else f"upstream {kind}"
-
 
 class Proxy:
     """Relays one request to ``upstream`` and hands back its answer, streaming."""
@@ -75,7 +71,7 @@ class Proxy:
             response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             metrics.upstream_error("proxy")
-            raise UpstreamError(_describe(exc)) from exc
+            raise UpstreamError.caused_by(exc) from exc
         headers_out = [(k.decode("latin-1"), v.decode("latin-1"))
                        for k, v in response.headers.raw]
         return ProxyAnswer(response.status_code, parsing.response_headers(headers_out),

@@ -23,7 +23,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import yarl
 
-from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest, AsyncUpstreamResponse
+from shmstream.relay.client import (
+    AsyncUpstream,
+    AsyncUpstreamRequest,
+    AsyncUpstreamResponse,
+    make_async_upstream,
+)
 from shmstream.relay.upstream import UpstreamError
 
 # connect covers waiting for a pooled connection and connecting (httpx: pool 30 s +
@@ -37,10 +42,6 @@ KEEPALIVE_SECONDS = 30.0
 _NO_AUTO_HEADERS = frozenset({"Content-Type", "Accept-Encoding"})
 _ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
-
-def _describe(exc: BaseException) -> str:
-    kind = type(exc).__name__
-    return f"upstream {kind}: {exc}" if str(exc) else f"upstream {kind}"
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -68,7 +69,7 @@ class _AiohttpResponse(AsyncUpstreamResponse):
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except _ERRORS as exc:
-            raise UpstreamError(_describe(exc)) from exc
+            raise UpstreamError.caused_by(exc) from exc
 
     async def aclose(self) -> None:
         response = self._response
@@ -108,7 +109,7 @@ class AiohttpUpstream(AsyncUpstream):
                 request.method, url, headers=headers, data=request.body or None,
                 allow_redirects=False)
         except _ERRORS as exc:
-            raise UpstreamError(_describe(exc)) from exc
+            raise UpstreamError.caused_by(exc) from exc
         return _AiohttpResponse(response)
 
     async def aclose(self) -> None:
@@ -122,6 +123,4 @@ def make_relay_upstream(upstream_url: str | None,
     """A relay's upstream: aiohttp to ``upstream_url``, else the built-in demo."""
     if upstream_url:
         return AiohttpUpstream(upstream_url)
-    from shmstream.relay.demo import AsyncDemoUpstream
-
-    return AsyncDemoUpstream(demo_tokens_per_second)
+    return make_async_upstream(None, demo_tokens_per_second)

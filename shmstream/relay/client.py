@@ -101,7 +101,7 @@ class _HttpxResponse(AsyncUpstreamResponse):
             async for chunk in chunks:
                 yield chunk
         except httpx.HTTPError as exc:
-            raise UpstreamError(_describe(exc)) from exc
+            raise UpstreamError.caused_by(exc) from exc
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         encoding = self._response.headers.get("content-encoding", "identity").lower()
@@ -127,10 +127,6 @@ class _Shard:
         self.client = client
         self.active = 0
 
-
-def _describe(exc: Exception) -> str:
-    kind = type(exc).__name__
-    return f"upstream {kind}: {exc}" if str(exc) else f"upstream {kind}"
 
 
 class HttpAsyncUpstream(AsyncUpstream):
@@ -187,7 +183,7 @@ class HttpAsyncUpstream(AsyncUpstream):
             response = await shard.client.send(built, stream=True)
         except httpx.HTTPError as exc:
             release()
-            raise UpstreamError(_describe(exc)) from exc
+            raise UpstreamError.caused_by(exc) from exc
         except BaseException:
             release()
             raise

@@ -57,6 +57,12 @@ class UpstreamError(ShmstreamError):
     error_type = "server_error"
     default_message = "Upstream server error"
 
+    @classmethod
+    def caused_by(cls, exc: BaseException) -> UpstreamError:
+        """The error for a client library's exception: ``upstream <kind>: <message>``."""
+        kind = type(exc).__name__
+        return cls(f"upstream {kind}: {exc}" if str(exc) else f"upstream {kind}")
+
 
 DEFAULT_TIMEOUT = httpx.Timeout(
     connect=10.0,
