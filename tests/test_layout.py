@@ -15,7 +15,7 @@ FIELD_SIZES = {
     "MAGIC": 4, "VERSION": 4, "STATE": 4, "FLAGS": 4, "TOTAL": 8, "ALLOCATED": 8,
     "CAPACITY": 8, "STARTED_AT": 8, "COMPLETED_AT": 8, "PRODUCER_PID": 8,
     "PRODUCER_START": 8, "LOCK_OWNER": 8, "FUTEX": 4, "WAITERS": 4, "META_LENGTH": 4,
-    "RING_OFFSET": 4, "LOCK_STAMP": 8, "LOCK_OWNER_SCOPE": 8, "PRODUCER_SCOPE": 8,
+    "RING_OFFSET": 4, "LOCK_HOLDS": 8, "LOCK_OWNER_SCOPE": 8, "PRODUCER_SCOPE": 8,
     "WRITE_END": 8,
 }
 
@@ -179,12 +179,13 @@ def lying(field: str, value):
     (lying("ALLOCATED_Q", 10**6), "allocated ring extends past the end"),
     (lying("STATE_I", 99), "unknown state"),
     (lying("MAGIC_VERSION_Q", layout.MAGIC | ((layout.VERSION + 1) << 32)), "version"),
-    (lying("MAGIC_VERSION_Q", layout.MAGIC | (1 << 32)), "layout version 1, expected 3"),
-    (lying("MAGIC_VERSION_Q", layout.MAGIC | (2 << 32)), "layout version 2, expected 3"),
+    (lying("MAGIC_VERSION_Q", layout.MAGIC | (1 << 32)), "layout version 1, expected 4"),
+    (lying("MAGIC_VERSION_Q", layout.MAGIC | (2 << 32)), "layout version 2, expected 4"),
+    (lying("MAGIC_VERSION_Q", layout.MAGIC | (3 << 32)), "layout version 3, expected 4"),
     (lying("MAGIC_VERSION_Q", layout.MAGIC_VERSION ^ 1), "bad magic"),
 ], ids=["ring-past-end", "zero-capacity", "ring-offset-past-end", "ring-over-header",
         "huge-metadata", "allocated-past-end", "unknown-state", "newer-version",
-        "version-1", "version-2 (no scopes)", "bad-magic"])
+        "version-1", "version-2 (no scopes)", "version-3 (two-field lock owner)", "bad-magic"])
 def test_validate_rejects_lying_headers(mutate, match):
     buffer, header = make_header(capacity=256)
     mutate(header)
@@ -298,3 +299,16 @@ def test_validate_never_compares_two_fields_read_apart():
         again.validate()
         assert again.dropped == max(0, total - 256)
         again.release()
+
+
+def test_the_lock_owner_word_holds_pid_and_start_time_in_one_u64():
+    pid_max = (1 << layout.OWNER_PID_BITS) - 1  # Linux's PID_MAX_LIMIT is 2**22
+    start = (1 << 42) - 1  # a billion years of 100 Hz ticks
+    for pid, started in [(1, 0), (4242, 77), (pid_max, start)]:
+        word = layout.owner_word(pid, started)
+        assert 0 < word < 1 << 64
+        assert layout.owner_of(word) == (pid, started)
+    assert layout.owner_of(0) == (0, 0)  # a free lock names no process
+    for bad in (0, pid_max + 1):
+        with pytest.raises(ValueError):
+            layout.owner_word(bad, 1)

@@ -352,9 +352,8 @@ def test_a_reused_pid_does_not_keep_a_dead_holders_lock(namespace):
     session = store.create_or_replace("reused")
     q = session.segment.header.q
     session.segment.semaphore.acquire()
-    q[layout.LOCK_STAMP_Q] = (Identity.start + 1) << sync.EPOCH_BITS
     q[layout.LOCK_OWNER_SCOPE_Q] = Identity.scope
-    q[layout.LOCK_OWNER_Q] = Identity.pid
+    q[layout.LOCK_OWNER_Q] = layout.owner_word(Identity.pid, Identity.start + 1)
     assert session.segment.lock.release_if_dead_owner() is True
     assert session.segment.semaphore.value == 1
     session.close()
@@ -487,7 +486,28 @@ def test_the_supervisors_probe_never_takes_a_free_lock(namespace):
     store = ShmStore(namespace)
     session = store.create_or_replace("probed")
     lock = session.segment.lock
-    epoch = lock.holder()[3]
+    hold_key = lock.holder()[3]
     assert lock.release_if_dead_owner() is False
-    assert lock.holder()[3] == epoch, "the probe took the lock"
+    assert lock.holder()[3] == hold_key, "the probe took the lock"
+    session.close()
+
+
+def test_every_kind_of_hold_moves_the_hold_key(namespace):
+    # The unrecorded-hold rule takes over only when one hold key stays unrecorded for the
+    # grace: an append moves it with its doorbell bump, every other hold with the holds
+    # counter, and an append refused by a finished session with the counter too.
+    store = ShmStore(namespace)
+    session = store.create_or_replace("keys")
+    lock = session.segment.lock
+    keys = [lock.holder()[3]]
+    session.append(b"x")  # the inlined record
+    keys.append(lock.holder()[3])
+    session.info()  # a read under RobustLock.record
+    keys.append(lock.holder()[3])
+    session.finalize()
+    keys.append(lock.holder()[3])
+    assert session.append(b"late") is False
+    keys.append(lock.holder()[3])
+    assert len(set(keys)) == len(keys), keys
+    assert lock.holder()[:3] == (0, 0, Identity.scope)  # released: no owner, scope kept
     session.close()

@@ -2,7 +2,7 @@
 against the reference ring through every growth step and the cap, readers in other
 processes attached before and after each growth, /dev/shm full mid-answer (injected, a
 real small tmpfs), quotas and /metrics counting allocated pages, retired segments that
-readers still map, layout 1 refused, and the lookup index.
+readers still map, older layouts refused, and the lookup index.
 """
 
 from __future__ import annotations
@@ -346,10 +346,11 @@ def test_metrics_report_held_and_allocated_bytes(namespace):
     session.close()
 
 
-# --- layout 1, the lookup index --------------------------------------------------------------
+# --- older layouts, the lookup index --------------------------------------------------------------
 
 
-def test_a_layout_1_segment_is_refused_not_misread(namespace, caplog):
+@pytest.mark.parametrize("old_version", [1, 3])  # 1: reserved up front; 3: the old lock record
+def test_an_older_layouts_segment_is_refused_not_misread(namespace, caplog, old_version):
     store = ShmStore(namespace, capacity=4 * STEP)
     session = store.create_or_replace("old::m")
     session.append(b"data")
@@ -357,11 +358,11 @@ def test_a_layout_1_segment_is_refused_not_misread(namespace, caplog):
     path = os.path.join(segment.SHM_DIR, segment.segment_name(namespace, "old::m"))
     with open(path, "r+b") as f:  # what the previous release wrote
         f.seek(layout.VERSION_OFFSET)
-        f.write((1).to_bytes(4, "little"))
+        f.write(old_version.to_bytes(4, "little"))
     assert store.get("old::m") is None
     assert store.lookup(["old"]) == []
     assert store.list() == []
-    assert f"layout version 1, expected {layout.VERSION}" in caplog.text
+    assert f"layout version {old_version}, expected {layout.VERSION}" in caplog.text
     report = store.gc()  # foreign or older: skipped, not deleted as debris
     assert report.corrupt_removed == 0 and os.path.exists(path)
     fresh = store.create_or_replace("old::m")  # replacing it is fine

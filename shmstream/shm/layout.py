@@ -8,9 +8,9 @@ A segment is one POSIX shared-memory object::
     +--------+--------+--------+--------+--------+--------+--------+--------+
     |    capacity     |  started_at_us  | completed_at_us |  producer_pid   |  32
     +--------+--------+--------+--------+--------+--------+--------+--------+
-    | producer_start  | lock_owner_pid  | futex  |waiters |meta_len|ring_off|  64
+    | producer_start  |   lock_owner    | futex  |waiters |meta_len|ring_off|  64
     +--------+--------+--------+--------+--------+--------+--------+--------+
-    |   lock_stamp    |lock_owner_scope | producer_scope  |    write_end    |  96
+    |   lock_holds    |lock_owner_scope | producer_scope  |    write_end    |  96
     +--------+--------+--------+--------+--------+--------+--------+--------+
     | metadata: one msgpack map (conversation id, model, ...), meta_len B  | 128
     +-----------------------------------------------------------------------+
@@ -41,11 +41,14 @@ A segment is one POSIX shared-memory object::
 - Times are unix microseconds; ``completed_at_us`` is 0 while running.
 - ``producer_pid`` + ``producer_start`` (the kernel's start time of that process, in clock
   ticks since boot) identify the producing process without pid-reuse ambiguity.
-- ``lock_owner_pid`` is the process holding the segment's semaphore, 0 when it is free or
-  between a holder's semaphore call and its record; with ``lock_stamp`` (the holder's
-  start time << 24 | a 24-bit count of holds, one store) and ``lock_owner_scope`` it lets
-  a waiter recover the lock from a holder that died, and tell one long hold from several
-  short ones (see :class:`shmstream.shm.sync.RobustLock`).
+- ``lock_owner`` is the process holding the segment's semaphore, as one word: its start
+  time above its pid (:func:`owner_word`), so one store records a holder. It is 0 when
+  the lock is free or between a holder's semaphore call and its record. With
+  ``lock_owner_scope`` it lets a waiter recover the lock from a holder that died; with
+  ``lock_holds`` (bumped by every hold but an append's) and ``futex`` (bumped by every
+  append) it tells one long hold from several short ones (see
+  :class:`shmstream.shm.sync.RobustLock`). Layout 3 spent three stores and a wide
+  read-modify-write per hold on this, a quarter of an append.
 - ``write_end`` is the stream offset an append in progress writes up to, stored before
   the copy: bytes below ``write_end - capacity`` may already be overwritten, so they are
   lost even if the appender died before publishing ``total``.
@@ -73,7 +76,8 @@ from shmstream.store.ids import MAX_META_BYTES, encode_metadata  # noqa: F401 - 
 from shmstream.store.states import State
 
 MAGIC = 0x534D4853  # b"SHMS" little-endian
-VERSION = 3  # 1: `dropped` stored, ring reserved up front; 2: no lock stamp, scopes, write_end
+VERSION = 4  # 1: `dropped` stored, ring reserved up front; 2: no lock stamp, scopes, write_end;
+# 3: the lock owner's pid in one field, its start time and a hold count in another
 MAGIC_VERSION = MAGIC | (VERSION << 32)
 
 # Byte offsets, computed from a running position so a change to one field moves the rest.
@@ -104,7 +108,7 @@ FUTEX_OFFSET = _field(4)
 WAITERS_OFFSET = _field(4)
 META_LENGTH_OFFSET = _field(4)
 RING_OFFSET_OFFSET = _field(4)
-LOCK_STAMP_OFFSET = _field(8)
+LOCK_HOLDS_OFFSET = _field(8)
 LOCK_OWNER_SCOPE_OFFSET = _field(8)
 PRODUCER_SCOPE_OFFSET = _field(8)
 WRITE_END_OFFSET = _field(8)
@@ -123,12 +127,12 @@ COMPLETED_AT_Q = COMPLETED_AT_OFFSET // 8
 PRODUCER_PID_Q = PRODUCER_PID_OFFSET // 8
 PRODUCER_START_Q = PRODUCER_START_OFFSET // 8
 LOCK_OWNER_Q = LOCK_OWNER_OFFSET // 8
-LOCK_STAMP_Q = LOCK_STAMP_OFFSET // 8
+LOCK_HOLDS_Q = LOCK_HOLDS_OFFSET // 8
 LOCK_OWNER_SCOPE_Q = LOCK_OWNER_SCOPE_OFFSET // 8
 PRODUCER_SCOPE_Q = PRODUCER_SCOPE_OFFSET // 8
 WRITE_END_Q = WRITE_END_OFFSET // 8
-# The lock's record, in the order RobustLock takes its indexes.
-LOCK_FIELDS_Q = (LOCK_OWNER_Q, LOCK_STAMP_Q, LOCK_OWNER_SCOPE_Q)
+# The lock's record in the u64 view, in the order RobustLock takes its indexes.
+LOCK_FIELDS_Q = (LOCK_OWNER_Q, LOCK_OWNER_SCOPE_Q, LOCK_HOLDS_Q)
 STATE_I = STATE_OFFSET // 4
 FLAGS_I = FLAGS_OFFSET // 4
 FUTEX_I = FUTEX_OFFSET // 4
@@ -144,6 +148,24 @@ PAGE = 4096
 # below the cap reserves at most B + GROWTH_STEP of ring (scripts/bench_store.py measures
 # appends/s across steps).
 GROWTH_STEP = 64 * 1024
+
+
+# ``lock_owner``: pid below, start time above. Linux pids stay below 2**22 (PID_MAX_LIMIT);
+# 42 bits of clock ticks since boot last a billion years at 100 Hz.
+OWNER_PID_BITS = 22
+OWNER_PID_MASK = (1 << OWNER_PID_BITS) - 1
+
+
+def owner_word(pid: int, start: int) -> int:
+    """The ``lock_owner`` value naming process ``pid`` started at ``start``."""
+    if not 0 < pid <= OWNER_PID_MASK:
+        raise ValueError(f"pid {pid} does not fit {OWNER_PID_BITS} bits")
+    return (start & ((1 << (64 - OWNER_PID_BITS)) - 1)) << OWNER_PID_BITS | pid
+
+
+def owner_of(word: int) -> tuple[int, int]:
+    """(pid, start time) of a ``lock_owner`` value; (0, 0) for none."""
+    return word & OWNER_PID_MASK, word >> OWNER_PID_BITS
 
 
 class CorruptSegment(Exception):
@@ -351,11 +373,11 @@ class Header:
 
     @property
     def lock_owner_pid(self) -> int:
-        return self.q[LOCK_OWNER_Q]
+        return owner_of(self.q[LOCK_OWNER_Q])[0]
 
     @property
-    def lock_stamp(self) -> int:
-        return self.q[LOCK_STAMP_Q]
+    def lock_holds(self) -> int:
+        return self.q[LOCK_HOLDS_Q]
 
     @property
     def lock_owner_scope(self) -> int:

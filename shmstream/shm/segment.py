@@ -242,7 +242,8 @@ class Segment:
     def _attach(cls, name: str, mapping: mmap.mmap, semaphore: posix_ipc.Semaphore,
                 header: layout.Header, guard_path: str, inode: int,
                 fd: int | None = None) -> Segment:
-        lock = RobustLock(semaphore, header.q, layout.LOCK_FIELDS_Q, guard_path)
+        lock = RobustLock(semaphore, header.q, header.i, layout.LOCK_FIELDS_Q, layout.FUTEX_I,
+                          guard_path)
         return cls(name, mapping, header, semaphore, lock,
                    Doorbell(mapping, layout.FUTEX_OFFSET), inode, fd)
 

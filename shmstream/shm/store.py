@@ -19,7 +19,6 @@ from shmstream.shm import layout, segment, waiter
 from shmstream.shm.layout import FLAG_CANCEL, FLAG_RING_CAPPED, CorruptSegment
 from shmstream.shm.quota import Quota, pages
 from shmstream.shm.sync import (
-    EPOCH_MASK,
     STUCK_LOCK_TIMEOUT,
     Identity,
     Liveness,
@@ -61,9 +60,10 @@ _FUTEX_I = layout.FUTEX_I
 _WAITERS_I = layout.WAITERS_I
 _COMPLETED_AT_Q = layout.COMPLETED_AT_Q
 _LOCK_OWNER_Q = layout.LOCK_OWNER_Q
-_LOCK_STAMP_Q = layout.LOCK_STAMP_Q
+_LOCK_HOLDS_Q = layout.LOCK_HOLDS_Q
 _LOCK_OWNER_SCOPE_Q = layout.LOCK_OWNER_SCOPE_Q
 _WRITE_END_Q = layout.WRITE_END_Q
+_NEVER = 1 << 62  # a stream offset no session reaches
 
 
 def _held_from(total: int, write_end: int, capacity: int) -> int:
@@ -84,7 +84,10 @@ class ShmSession(Session):
         self._q = header.q
         self._i = header.i
         self._ring = header.ring
-        self._at_cap = False  # allocated reached capacity: never grows again
+        # The stream offset up to which the ring has pages, as this handle last saw it
+        # (`allocated` only rises, so a stale value only costs a needless _make_room);
+        # past the cap, never: the ring wraps instead of growing.
+        self._grown_to = 0
         self._lock = seg.lock
         self._semaphore = seg.semaphore
         self._lock_check_interval = seg.lock.check_interval
@@ -108,32 +111,36 @@ class ShmSession(Session):
             self._semaphore.acquire(self._lock_check_interval)
         except BusyError:
             self._lock.acquire_contended()
-        # RobustLock.record inlined: stamp, scope, then the pid completes the record.
-        base, scope, pid = OwnerStamp.record
-        q[_LOCK_STAMP_Q] = base | ((q[_LOCK_STAMP_Q] + 1) & EPOCH_MASK)
+        # RobustLock.record inlined: scope, then the owner word completes the record. The
+        # holds counter is left alone: this hold's key moves with the doorbell bump below.
+        scope, owner = OwnerStamp.record
         q[_LOCK_OWNER_SCOPE_Q] = scope
-        q[_LOCK_OWNER_Q] = pid
+        q[_LOCK_OWNER_Q] = owner
         try:
             if i[_STATE_I] != _RUNNING:
+                q[_LOCK_HOLDS_Q] += 1  # no doorbell bump on this path: move the key here
                 return False
             total = q[_TOTAL_Q]
-            if not self._at_cap and total + length > q[_ALLOCATED_Q]:
-                self._make_room(total + length)
+            end_total = total + length
+            if end_total > self._grown_to:
+                self._make_room(end_total)
             capacity = q[_CAPACITY_Q]
-            if total + length > capacity:
+            if end_total <= capacity:  # not wrapped yet: offset o sits at index o
+                self._ring[total:end_total] = data
+            else:
                 # The copy overwrites the oldest held bytes: declare them lost first, so
                 # an appender killed before it publishes `total` leaves no altered byte
                 # held (see _held_from).
-                q[_WRITE_END_Q] = total + length
-            position = total % capacity
-            end = position + length
-            if end <= capacity:
-                self._ring[position:end] = data
-                total += length
-            else:
-                total = ring.write(self._ring, capacity, total, data)
-                if faults.hook is not None:  # the slow path only: the fast one costs 0
-                    faults.hook("append.wrapped-unpublished")
+                q[_WRITE_END_Q] = end_total
+                position = total % capacity
+                end = position + length
+                if end <= capacity:
+                    self._ring[position:end] = data
+                else:
+                    ring.write(self._ring, capacity, total, data)
+                    if faults.hook is not None:  # the slow path only: the fast one costs 0
+                        faults.hook("append.wrapped-unpublished")
+            total = end_total
             q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
@@ -154,7 +161,8 @@ class ShmSession(Session):
             log.warning("session id=%s: ring capped at %d bytes, it cannot grow (%s); it "
                         "keeps streaming, dropping its oldest bytes",
                         segment.short_hash(self.conversation_id), self._q[_CAPACITY_Q], reason)
-        self._at_cap = self._q[_ALLOCATED_Q] >= self._q[_CAPACITY_Q]
+        allocated = self._q[_ALLOCATED_Q]
+        self._grown_to = _NEVER if allocated >= self._q[_CAPACITY_Q] else allocated
 
     def _finish(self, state: State, cancel: bool) -> bool:
         if state is _RUNNING:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import posix_ipc
 
+from shmstream.shm import layout
 from shmstream.store import faults
 from shmstream.store.errors import StoreUnavailable
 from shmstream.store.procs import (  # noqa: F401 - re-exported for the shm modules
@@ -143,24 +144,17 @@ def flocked(path: str, shared: bool = False) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-# The lock stamp: the holder's start time (clock ticks since boot: 40 bits last 348 years
-# at 100 Hz) above a 24-bit count of holds, in one u64 so one store records both.
-EPOCH_BITS = 24
-EPOCH_MASK = (1 << EPOCH_BITS) - 1
-
-
 class OwnerStamp:
     """What this process records as a lock holder, refreshed after fork (after
-    :class:`Identity`, whose fork hook was registered first): ``record`` is (its part of
-    the stamp: its start time, shifted; its scope; its pid), one attribute load on the
-    append path (a class attribute load is not cheap; three of them were ~10% of it)."""
+    :class:`Identity`, whose fork hook was registered first): ``record`` is (its scope,
+    its ``lock_owner`` word), one attribute load on the append path (a class attribute
+    load is not cheap; three of them were ~10% of it)."""
 
-    record = (0, 0, 0)
+    record = (0, 0)
 
     @classmethod
     def refresh(cls) -> None:
-        base = (Identity.start & ((1 << (64 - EPOCH_BITS)) - 1)) << EPOCH_BITS
-        cls.record = (base, Identity.scope, Identity.pid)
+        cls.record = (Identity.scope, layout.owner_word(Identity.pid, Identity.start))
 
 
 OwnerStamp.refresh()
@@ -170,16 +164,19 @@ os.register_at_fork(after_in_child=OwnerStamp.refresh)
 class RobustLock:
     """A named POSIX semaphore used as a mutex, recoverable from a holder killed anywhere.
 
-    The holder records itself in the segment header right after ``sem_wait`` returns: a
-    stamp (its start time and the hold count ``epoch`` + 1, one store), its scope, then
-    its pid last (the record is complete once the pid is there). It clears the pid right
-    before ``sem_post``. So while the semaphore is held the pid field is either the holder
-    (complete record) or 0 (a holder inside one of the two unrecorded gaps). A waiter
-    that finds the lock busy for longer than ``check_interval``:
+    The holder records itself in the segment header right after ``sem_wait`` returns: its
+    scope, then its owner word (pid and start time, :func:`layout.owner_word`), which
+    completes the record in one store; it clears the word right before ``sem_post``. So
+    while the semaphore is held the word is either the holder (complete record) or 0 (a
+    holder inside one of the two unrecorded gaps). Every hold moves a *hold key*: an
+    append bumps the doorbell word, which it does anyway, and :meth:`record` bumps the
+    ``holds`` counter (an append inlines the record and skips that). A waiter that finds
+    the lock busy for longer than ``check_interval``:
 
-    - pid set, same scope, dead: the recorded process is the holder, and it died; take over.
-    - pid set, another scope (:class:`Liveness.UNKNOWN`): never take over.
-    - pid 0: take over only after the same hold (same ``epoch``) stayed unrecorded for
+    - owner set, same scope, dead: the recorded process is the holder, and it died; take
+      over.
+    - owner set, another scope (:class:`Liveness.UNKNOWN`): never take over.
+    - owner 0: take over only after the same hold (same hold key) stayed unrecorded for
       :data:`UNRECORDED_HOLD_GRACE`; a holder killed in a gap is recovered that way.
 
     A takeover happens under a flock so only one waiter does it, and without posting the
@@ -188,15 +185,19 @@ class RobustLock:
     inside a takeover) leaves a state one of these rules recovers.
     """
 
-    __slots__ = ("_semaphore", "_q", "_pid_i", "_stamp_i", "_scope_i", "_guard_path",
-                 "check_interval")
+    __slots__ = ("_semaphore", "_q", "_i", "_owner_q", "_scope_q", "_holds_q", "_futex_i",
+                 "_guard_path", "check_interval")
 
-    def __init__(self, semaphore: posix_ipc.Semaphore, header_q, fields: tuple[int, int, int],
-                 guard_path: str, check_interval: float = 0.1):
-        """``fields``: the indexes in ``header_q`` of the owner pid, stamp and scope."""
+    def __init__(self, semaphore: posix_ipc.Semaphore, header_q, header_i,
+                 fields: tuple[int, int, int], futex_i: int, guard_path: str,
+                 check_interval: float = 0.1):
+        """``fields``: the indexes in ``header_q`` of the owner word, its scope and the
+        holds counter; ``futex_i``: the doorbell word's index in ``header_i``."""
         self._semaphore = semaphore
         self._q = header_q
-        self._pid_i, self._stamp_i, self._scope_i = fields
+        self._i = header_i
+        self._owner_q, self._scope_q, self._holds_q = fields
+        self._futex_i = futex_i
         self._guard_path = guard_path
         self.check_interval = check_interval
 
@@ -213,26 +214,26 @@ class RobustLock:
     def record(self) -> None:
         """Record this process as the holder (call right after taking the semaphore)."""
         q = self._q
-        base, scope, pid = OwnerStamp.record
-        q[self._stamp_i] = base | ((q[self._stamp_i] + 1) & EPOCH_MASK)
-        q[self._scope_i] = scope
+        scope, owner = OwnerStamp.record
+        q[self._holds_q] = (q[self._holds_q] + 1) & 0xFFFFFFFFFFFFFFFF
+        q[self._scope_q] = scope
         if faults.hook is not None:
             faults.hook("lock.record-partial")
-        q[self._pid_i] = pid  # last: the record is complete
+        q[self._owner_q] = owner  # last: the record is complete
 
     def acquire_contended(self, timeout: float | None = STUCK_LOCK_TIMEOUT) -> None:
         """The slow path, after one ``check_interval`` wait failed: recover from a dead
         holder or keep waiting. The caller records itself as owner afterwards."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        unrecorded_since: tuple[int, float] | None = None  # (epoch, first seen)
+        unrecorded_since: tuple[tuple[int, int], float] | None = None  # (hold key, seen)
         while True:
             holder = self.holder()
             if holder is not None:
-                pid, _, _, epoch = holder
+                pid, _, _, key = holder
                 if pid == 0:
                     now = time.monotonic()
-                    if unrecorded_since is None or unrecorded_since[0] != epoch:
-                        unrecorded_since = (epoch, now)
+                    if unrecorded_since is None or unrecorded_since[0] != key:
+                        unrecorded_since = (key, now)
                     elif now - unrecorded_since[1] >= UNRECORDED_HOLD_GRACE:
                         if self._take_over(holder):
                             return
@@ -251,25 +252,27 @@ class RobustLock:
 
     @property
     def owner_pid(self) -> int:
-        return self._q[self._pid_i]
+        return layout.owner_of(self._q[self._owner_q])[0]
 
-    def holder(self) -> tuple[int, int, int, int] | None:
-        """(pid, start, scope, epoch) of the current record, or None if it changed while
-        being read (a new holder is recording itself: look again later)."""
+    def holder(self) -> tuple[int, int, int, tuple[int, int]] | None:
+        """(pid, start, scope, hold key) of the current record, or None if it changed
+        while being read (a new holder is recording itself: look again later)."""
         q = self._q
-        stamp = q[self._stamp_i]
-        pid = q[self._pid_i]
-        scope = q[self._scope_i]
-        if q[self._stamp_i] != stamp or q[self._pid_i] != pid:
+        owner = q[self._owner_q]
+        holds = q[self._holds_q]
+        scope = q[self._scope_q]
+        key = (holds, self._i[self._futex_i])
+        if q[self._owner_q] != owner or q[self._holds_q] != holds:
             return None
-        return pid, stamp >> EPOCH_BITS, scope, stamp & EPOCH_MASK
+        pid, start = layout.owner_of(owner)
+        return pid, start, scope, key
 
     @staticmethod
-    def holder_liveness(holder: tuple[int, int, int, int]) -> Liveness:
+    def holder_liveness(holder: tuple[int, int, int, tuple[int, int]]) -> Liveness:
         pid, start, scope, _ = holder
         return liveness(pid, start, scope)
 
-    def _take_over(self, holder: tuple[int, int, int, int]) -> bool:
+    def _take_over(self, holder: tuple[int, int, int, tuple[int, int]]) -> bool:
         """Become the holder of a lock whose ``holder`` record names a dead process (or
         an unrecorded hold past its grace). True if the caller now holds the lock."""
         with flocked(self._guard_path):
@@ -309,7 +312,7 @@ class RobustLock:
         return True
 
     def release(self) -> None:
-        self._q[self._pid_i] = 0
+        self._q[self._owner_q] = 0
         if faults.hook is not None:
             faults.hook("lock.cleared-unposted")
         self._semaphore.release()
