@@ -179,6 +179,39 @@ def test_supervisor_stays_quiet_on_an_outage_the_store_logged_itself(caplog):
     assert _outage_lines(error, caplog) == []
 
 
+def test_the_repeated_reaper_reopens_a_running_session_only_once_its_producer_dies(
+        namespace, monkeypatch):
+    """A pass judges a known running session by its producer's liveness alone (one check
+    per producer process), without opening it; once that producer dies, the next pass
+    opens the session and aborts it."""
+    from shmstream.shm import upkeep
+
+    store = ShmStore(namespace, capacity=4096)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    producer = context.Process(target=_produce_then_hang, args=(namespace, "busy", ready))
+    producer.start()
+    try:
+        assert ready.wait(10)
+        opened = []
+        real_open_any = upkeep.open_any
+        monkeypatch.setattr(upkeep, "open_any",
+                            lambda store, name: opened.append(name) or real_open_any(store,
+                                                                                    name))
+        reaper = upkeep.Reaper(store)
+        assert reaper.run() == 0 and len(opened) == 1  # learns the producer
+        assert reaper.run() == 0 and len(opened) == 1  # alive: not opened again
+        with store.get("busy") as session:
+            assert session.info().state is State.RUNNING
+    finally:
+        os.kill(producer.pid, signal.SIGKILL)
+        producer.join(5)
+    assert reaper.run() == 1 and len(opened) == 2
+    with store.get("busy") as session:
+        assert session.info().state is State.ABORTED
+    assert reaper.run() == 0 and len(opened) == 2  # ended: never opened again
+
+
 def test_the_repeated_reaper_skips_ended_sessions_and_catches_a_replacement(namespace):
     """abort_producers(repeated=True), the supervisor's pass: an ended session is never
     opened again, a replacement under the same name (a new segment) is examined afresh,
