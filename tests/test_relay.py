@@ -374,3 +374,54 @@ def test_a_burst_of_hand_offs_beyond_asyncios_default_backlog_is_served(store, t
             await server.close()
 
     assert asyncio.run(burst()) == [200] * 300
+
+
+def test_frames_split_anywhere_are_taken_whole_and_in_order():
+    from shmstream.relay import wire
+
+    messages = [{"op": "created", "token": "t"}, {"op": "answer", "status": 200,
+                                                   "headers": [], "body": b"x" * 300}]
+    stream = b"".join(wire.encode(message) for message in messages) + b"!!"
+    for cut in range(len(stream) + 1):
+        buffer, taken = bytearray(stream[:cut]), []
+        while (message := wire.take_frame(buffer)) is not None:
+            taken.append(message)
+        buffer += stream[cut:]
+        while (message := wire.take_frame(buffer)) is not None:
+            taken.append(message)
+        assert taken == messages and buffer == b"!!", cut
+    with pytest.raises(wire.FrameError):
+        wire.take_frame(bytearray((wire.MAX_FRAME + 1).to_bytes(4, "big")))
+    with pytest.raises(wire.FrameError):
+        wire.take_frame(bytearray((1).to_bytes(4, "big") + b"\xc1"))  # not msgpack
+
+
+def test_a_ring_that_came_with_the_answer_is_not_lost_and_eof_ends_the_line():
+    # The relay may ring (and even close) before the worker has read the answer frame:
+    # those bytes count as a ring, and the end is seen without waiting out the timeout.
+    from shmstream.relay import wire
+    from shmstream.relay.handoff import RelayDoorbell, RelayTicket, _Line
+
+    async def go():
+        line = _Line()
+        line.data_received(wire.encode({"op": "answer", "status": 200, "headers": [],
+                                        "body": None}) + b"!")
+        ticket = RelayTicket("c", "token", line)
+        assert (await ticket.answer()).streams
+        doorbell = ticket.doorbell()
+        assert isinstance(doorbell, RelayDoorbell) and doorbell.alive
+        await asyncio.wait_for(doorbell.wait(60), 5)  # the ring that came with the answer
+        waiting = asyncio.ensure_future(doorbell.wait(60))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        line.data_received(b"!")
+        await asyncio.wait_for(waiting, 5)
+        line.eof_received()
+        assert not doorbell.alive
+        await asyncio.wait_for(doorbell.wait(60), 5)  # returns at once after the end
+        started = asyncio.get_running_loop().time()
+        silent = _Line()
+        silent.start_ringing()
+        await RelayDoorbell(silent).wait(0.05)  # nothing comes: the timeout returns
+        assert asyncio.get_running_loop().time() - started >= 0.05
+    asyncio.run(go())

@@ -33,7 +33,6 @@ session from a later one with the same id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -100,6 +99,91 @@ def refusal_error(message: dict) -> ShmstreamError:
     return exc
 
 
+class _Line(asyncio.Protocol):
+    """The worker's end of one hand-off connection: frames up to the answer, then the
+    doorbell's rings. A protocol of its own, not a StreamReader: after the answer every
+    event of the stream takes one wait here, and a flag and a future cost far less than a
+    stream read under ``asyncio.timeout`` (~8% of an HTTP worker's time went there)."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.closed = False  # EOF or connection lost
+        self.rung = False  # doorbell: bytes arrived that no wait has taken yet
+        self._frames = bytearray()  # before the answer: bytes of frames to come
+        self._ringing = False
+        self._waiter: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._ringing:
+            self.rung = True
+        else:
+            self._frames += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until the next bytes, the end of the connection, or ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def send(self, message: dict) -> None:
+        """Queue one frame (the transport buffers it; the relay reads it at once)."""
+        self.transport.write(wire.encode(message))
+
+    async def read_frame(self) -> dict | None:
+        """The next frame, or None if the connection ended between frames. Raises
+        FrameError for a malformed frame or an end inside one."""
+        while True:
+            message = wire.take_frame(self._frames)
+            if message is not None:
+                return message
+            if self.closed:
+                if self._frames:
+                    raise wire.FrameError("connection closed inside a frame")
+                return None
+            await self.wait()
+
+    def start_ringing(self) -> None:
+        """From now on bytes are rings (any that came after the answer frame count)."""
+        self._ringing = True
+        self.rung = bool(self._frames)
+        self._frames = bytearray()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+
+def _settle(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class RelayDoorbell:
     """The hand-off connection after a streaming answer. The relay writes one byte after
     each append (none while earlier ones are unread) and closes it after the end, so
@@ -107,26 +191,22 @@ class RelayDoorbell:
     turns False) or after ``timeout``. A byte rung before the reader's last poll only
     makes it poll once more: it reads all that piled up at once."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self._reader = reader
-        self._writer = writer
-        self.alive = True
+    def __init__(self, line: _Line):
+        self._line = line
+        line.start_ringing()
+
+    @property
+    def alive(self) -> bool:
+        return not self._line.closed
 
     async def wait(self, timeout: float) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                rung = await self._reader.read(1 << 16)
-        except TimeoutError:
-            return
-        except OSError:
-            rung = b""
-        if not rung:
-            self.close()
+        line = self._line
+        if not line.rung and not line.closed:
+            await line.wait(timeout)
+        line.rung = False
 
     def close(self) -> None:
-        self.alive = False
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        self._line.close()
 
 
 class RelayTicket:
@@ -136,12 +216,10 @@ class RelayTicket:
     :meth:`close` was called; neither cancels the generation. After a streaming answer
     :meth:`doorbell` takes the connection over."""
 
-    def __init__(self, conversation_id: str, token: str,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, conversation_id: str, token: str, line: _Line):
         self.conversation_id = conversation_id
         self.token = token
-        self._reader = reader
-        self._writer: asyncio.StreamWriter | None = writer
+        self._line: _Line | None = line
         self._answer: RelayAnswer | None = None
 
     def owns(self, info: SessionInfo) -> bool:
@@ -156,11 +234,11 @@ class RelayTicket:
         ends ``aborted``). Idempotent: a second call returns the same answer."""
         if self._answer is not None:
             return self._answer
-        if self._writer is None:
+        if self._line is None:
             raise RelayUnavailable("relay ticket closed before the upstream answered")
         try:
-            message = await wire.read_frame(self._reader)
-        except (OSError, asyncio.IncompleteReadError, wire.FrameError):
+            message = await self._line.read_frame()
+        except wire.FrameError:
             message = None
         except BaseException:
             self.close()
@@ -181,15 +259,14 @@ class RelayTicket:
     def doorbell(self) -> RelayDoorbell | None:
         """After a streaming answer: the connection, as the reader's line to the producer
         (the caller closes it); None if the ticket was closed."""
-        writer, self._writer = self._writer, None
-        return RelayDoorbell(self._reader, writer) if writer is not None else None
+        line, self._line = self._line, None
+        return RelayDoorbell(line) if line is not None else None
 
     def close(self) -> None:
         """Drop the connection (the caller left): the generation goes on."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                writer.close()
+        line, self._line = self._line, None
+        if line is not None:
+            line.close()
 
     async def __aenter__(self) -> RelayTicket:
         return self
@@ -235,12 +312,13 @@ class RelayClient:
                 f"no relay process answered within {self.submit_timeout:g} s") from None
 
     async def _submit(self, request: RelayRequest) -> RelayTicket:
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            _, line = await loop.create_unix_connection(_Line, self.socket_path)
         except OSError as exc:
             raise RelayUnavailable(f"cannot reach the relay processes: {exc}") from None
         try:
-            await wire.write_frame(writer, {
+            line.send({
                 "op": "submit",
                 "conversation_id": request.conversation_id,
                 "method": request.method,
@@ -249,16 +327,16 @@ class RelayClient:
                 "body": request.body,
                 "metadata": request.metadata,
             })
-            message = await wire.read_frame(reader)
-        except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
-            writer.close()
+            message = await line.read_frame()
+        except (OSError, wire.FrameError) as exc:
+            line.close()
             raise RelayUnavailable(f"relay connection failed: {exc}") from None
         except BaseException:
-            writer.close()
+            line.close()
             raise
         if message is not None and message.get("op") == "created":
-            return RelayTicket(request.conversation_id, str(message["token"]), reader, writer)
-        writer.close()
+            return RelayTicket(request.conversation_id, str(message["token"]), line)
+        line.close()
         if message is not None and message.get("op") == "refused":
             raise refusal_error(message)
         raise RelayUnavailable("relay closed the connection before creating the session")

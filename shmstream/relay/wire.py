@@ -52,10 +52,32 @@ async def read_frame(reader: asyncio.StreamReader) -> dict | None:
         if not exc.partial:
             return None
         raise
-    (size,) = _LENGTH.unpack(head)
+    payload = await reader.readexactly(_frame_size(head))
+    return decode(payload)
+
+
+def take_frame(buffer: bytearray) -> dict | None:
+    """The first message of ``buffer`` (removed from it), or None if it holds no whole
+    frame yet: the same frames as :func:`read_frame`, for a protocol that buffers."""
+    if len(buffer) < _LENGTH.size:
+        return None
+    end = _LENGTH.size + _frame_size(buffer)
+    if len(buffer) < end:
+        return None
+    payload = bytes(buffer[_LENGTH.size : end])
+    del buffer[:end]
+    return decode(payload)
+
+
+def _frame_size(head) -> int:
+    (size,) = _LENGTH.unpack_from(head)
     if size > MAX_FRAME:
         raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-    payload = await reader.readexactly(size)
+    return size
+
+
+def decode(payload: bytes) -> dict:
+    """A frame's message. Raises FrameError unless it is a msgpack map with an ``op``."""
     try:
         message = msgpack.unpackb(payload, raw=False)
     except (ValueError, msgpack.UnpackException) as exc:
