@@ -198,6 +198,8 @@ OTHER_ROUTES = {
     "/responses": {"input": "once upon a time", "max_output_tokens": 40},
     "/v1/messages": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40},
 }
+
+
 # /responses too: llama-server registers it beside /v1/responses (tools/server/server.cpp)
 @pytest.mark.parametrize("route", list(OTHER_ROUTES))
 def test_every_streaming_completion_route_makes_a_replayable_session(llama_service, llama,

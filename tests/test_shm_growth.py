@@ -510,7 +510,6 @@ def test_a_64_mib_tmpfs_holds_500_sessions_and_fills_up_mid_answer_cleanly(names
     assert result["again_ok"] is True
 
 
-
 # --- issue 13 item 1: opening a busy session never sees a torn header ----------------------
 
 

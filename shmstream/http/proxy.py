@@ -32,7 +32,6 @@ class ProxyAnswer:
     close: object  # async callable: release the upstream connection
 
 
-
 class Proxy:
     """Relays one request to ``upstream`` and hands back its answer, streaming."""
 

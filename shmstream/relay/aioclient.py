@@ -43,7 +43,6 @@ _NO_AUTO_HEADERS = frozenset({"Content-Type", "Accept-Encoding"})
 _ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
-
 def _ssl_context() -> ssl.SSLContext:
     """The system's CA store, plus certifi's bundle when it is installed (httpx's own)."""
     context = ssl.create_default_context()

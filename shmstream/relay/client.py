@@ -128,7 +128,6 @@ class _Shard:
         self.active = 0
 
 
-
 class HttpAsyncUpstream(AsyncUpstream):
     """An OpenAI-compatible server over HTTP(S). ``timeout`` and ``limits`` are httpx's own
     settings, passed as they are to each client; ``transport_factory`` makes each client's

@@ -331,7 +331,6 @@ def _signal_ready(fd: int) -> None:
         os.close(fd)
 
 
-
 def main() -> int:
     """A relay process: the inherited socket, the configured store and upstream."""
     from shmstream import metrics

@@ -192,8 +192,6 @@ def ring_offset_for(meta_length: int) -> int:
     return (end + RING_ALIGN - 1) // RING_ALIGN * RING_ALIGN
 
 
-
-
 def segment_size(meta_length: int, capacity: int) -> int:
     """The file size of a segment (sparse beyond its allocated ring)."""
     return ring_offset_for(meta_length) + capacity

@@ -94,6 +94,7 @@ def unlink_if_current(store: ShmStore, session: ShmSession) -> bool:
         segment.retire(store.namespace, session.segment.name)
         return True
 
+
 def _collect(store: ShmStore, session: ShmSession, name: str, cutoff_us: int,
              report: GCReport) -> None:
     if session.segment.lock.release_if_dead_owner():
@@ -113,6 +114,7 @@ def _collect(store: ShmStore, session: ShmSession, name: str, cutoff_us: int,
                      (cutoff_us - completed) / 1e6 + store.ttl)
             return
     report.kept += 1
+
 
 def abort_producers(store: ShmStore, pids: Iterable[int] | None = None) -> int:
     """Finalize as ``aborted`` the running sessions whose producer process is dead
