@@ -141,7 +141,7 @@ class _Line(asyncio.Protocol):
         """Until the next bytes, the end of the connection, or ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _settle, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, self._wake)
         try:
             await waiter
         finally:
@@ -177,11 +177,6 @@ class _Line(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._wake()
-
-
-def _settle(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class RelayDoorbell:

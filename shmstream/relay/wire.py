@@ -64,9 +64,9 @@ def take_frame(buffer: bytearray) -> dict | None:
     end = _LENGTH.size + _frame_size(buffer)
     if len(buffer) < end:
         return None
-    payload = bytes(buffer[_LENGTH.size : end])
+    message = decode(buffer[_LENGTH.size : end])
     del buffer[:end]
-    return decode(payload)
+    return message
 
 
 def _frame_size(head) -> int:
@@ -76,7 +76,7 @@ def _frame_size(head) -> int:
     return size
 
 
-def decode(payload: bytes) -> dict:
+def decode(payload: bytes | bytearray) -> dict:
     """A frame's message. Raises FrameError unless it is a msgpack map with an ``op``."""
     try:
         message = msgpack.unpackb(payload, raw=False)
