@@ -140,8 +140,7 @@ class ShmSession(Session):
                     ring.write(self._ring, capacity, total, data)
                     if faults.hook is not None:  # the slow path only: the fast one costs 0
                         faults.hook("append.wrapped-unpublished")
-            total = end_total
-            q[_TOTAL_Q] = total  # publish the bytes, then ring the doorbell
+            q[_TOTAL_Q] = end_total  # publish the bytes, then ring the doorbell
             i[_FUTEX_I] = (i[_FUTEX_I] + 1) & 0xFFFFFFFF
             waiters = i[_WAITERS_I]
             if waiters:

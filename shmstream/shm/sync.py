@@ -215,7 +215,7 @@ class RobustLock:
         """Record this process as the holder (call right after taking the semaphore)."""
         q = self._q
         scope, owner = OwnerStamp.record
-        q[self._holds_q] = (q[self._holds_q] + 1) & 0xFFFFFFFFFFFFFFFF
+        q[self._holds_q] += 1  # a u64 bumped once per hold never wraps
         q[self._scope_q] = scope
         if faults.hook is not None:
             faults.hook("lock.record-partial")
