@@ -11,7 +11,8 @@ and prints, each phase its own table:
 1. scale: for each of ``--streams`` (200,500,1000,2000) concurrent streams x ``--rate``
    events/s x ``--events`` events, ramped over ``--ramp`` s: streams complete, replay
    identical (the caller's bytes == ``GET ?from=0``), TTFB p50/p99 (request sent -> status
-   line and headers in), the longest answer (request sent -> last byte), straight to the
+   line and headers in) and the first event's p50/p99 (request sent -> first ``data:``
+   chunk in), the longest answer (request sent -> last byte), straight to the
    upstream and through shmstream; CPU of every shmstream process (the gunicorn tree:
    master, workers, relays, supervisor) per relayed event as user/system, with the load
    generator's and the upstream's CPU beside it;
@@ -24,6 +25,11 @@ and prints, each phase its own table:
    readers;
 4. latency: ``--latency-streams`` streams x ``--latency-rate`` events/s, each event stamped
    with its send time: the delay added over connecting straight to the upstream (p50/p99).
+
+gunicorn's asgi worker sends the status line and headers together with the first body
+chunk, so through shmstream the TTFB is the first event's arrival; straight to the
+upstream the headers come at once and the first event up to one ``1/--rate`` tick later
+(one ticker drives every stream). The first-event columns compare like with like.
 
 Small sizes prove it runs on a loaded machine; the defaults are the issue's figures:
 
@@ -334,16 +340,19 @@ async def load_streams(options: dict) -> dict:
             identical = bytes(replay.body) == bytes(call.body)
         results.append({"ok": complete, "identical": identical,
                         "ttfb": call.head_at - call.sent_at if call.head_at else None,
+                        "first": call.first_at - call.sent_at if call.first_at else None,
                         "took": (ended - call.sent_at) if ended else None,
                         "stamps": call.stamps})
 
     await asyncio.gather(*(one(i) for i in range(count)))
     ttfb = [r["ttfb"] for r in results if r.get("ttfb") is not None]
+    first = [r["first"] for r in results if r.get("first") is not None]
     took = [r["took"] for r in results if r.get("took") is not None]
     delays = [d for r in results for d in r.get("stamps", [])]
     return {"streams": count, "complete": sum(1 for r in results if r["ok"]),
             "identical": sum(1 for r in results if r.get("identical")),
             "ttfb_p50": pct(ttfb, 0.5), "ttfb_p99": pct(ttfb, 0.99),
+            "first_p50": pct(first, 0.5), "first_p99": pct(first, 0.99),
             "longest": max(took) if took else float("nan"),
             "delay_p50_ms": pct(delays, 0.5) / 1e6 if delays else None,
             "delay_p99_ms": pct(delays, 0.99) / 1e6 if delays else None,
@@ -556,9 +565,10 @@ def main() -> int:
         if "scale" in phases:
             print(f"\n## {args.rate:g} events/s x {args.events} events per stream, "
                   f"{args.workers} workers, ramp {args.ramp:g} s")
-            print("| streams | path | complete | replay-identical | TTFB p50 / p99 | longest "
+            print("| streams | path | complete | replay-identical | TTFB p50 / p99 "
+                  "| first event p50 / p99 | longest "
                   "| shmstream CPU/event (user+sys) | load CPU | upstream CPU |")
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             by_process_lines: list[str] = []
             for count in [int(n) for n in args.streams.split(",")]:
                 for via, port in (("direct", upstream_port), ("shmstream", service.port)):
@@ -575,6 +585,7 @@ def main() -> int:
                     identical = result["identical"] if via == "shmstream" else "-"
                     print(f"| {count} | {via} | {result['complete']}/{count} | {identical} | "
                           f"{fmt_ms(result['ttfb_p50'])} / {fmt_ms(result['ttfb_p99'])} | "
+                          f"{fmt_ms(result['first_p50'])} / {fmt_ms(result['first_p99'])} | "
                           f"{result['longest']:.2f} s | {per_event} | "
                           f"{sum(cpu['load']):.2f} s | {sum(cpu['upstream']):.2f} s |"
                           + (f" errors {result['errors']}" if result["errors"] else ""),

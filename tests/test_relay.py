@@ -144,6 +144,34 @@ def test_the_starting_request_is_woken_by_its_relay_not_by_a_waiter_thread(relay
     assert waiters == {0} and threads == {False}  # no futex sleeper, no waiter thread
 
 
+def test_the_relays_streams_ring_their_reader_through_the_bell_box(relay, store):
+    # Real relay, real sessions: each reader waits on its hand-off line and is woken by
+    # datagrams; the relay never writes a ring byte on the connections.
+    async def go():
+        client = relay.client()
+
+        async def one(index: int) -> bytes:
+            ticket = await client.submit(completion(
+                f"bells-{index}", {"tag": f"b{index}", "events": 20, "interval": 0.02}))
+            assert (await ticket.answer()).streams
+            doorbell = ticket.doorbell()
+            session = store.get(f"bells-{index}")
+            try:
+                return b"".join([chunk async for chunk in session.aread(
+                    0, wake_interval=30, doorbell=doorbell)])
+            finally:
+                session.close()
+                doorbell.close()
+
+        # A reader left to its 30 s poll timer would take minutes: the rings wake it.
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), 20)
+
+    bodies = asyncio.run(go())
+    for index, body in enumerate(bodies):
+        assert body.replace(PING, b"") == expected_body(f"b{index}", 20)
+    assert relay.server.ringer.sent > 0  # the rings went as datagrams
+
+
 def test_a_broken_doorbell_falls_back_to_the_stores_wake_up(relay, store):
     # The stall after the break makes the reader wait at least once without its line.
     data, _, threads, doorbell = _read_with_doorbell(

@@ -17,7 +17,8 @@ An HTTP worker that accepts a streamed completion does not talk to the upstream 
   for a non-2xx answer (PROTOCOL.md rule 2: sent to the caller unchanged); for a stream
   ``body`` is None and the caller's response is the session from offset 0.
 - For a stream, :meth:`RelayTicket.doorbell` keeps the connection as a line to the
-  producer: the relay rings it (one byte) after every append and closes it at the end
+  producer: the relay rings after every append (one datagram per relay pass for all of
+  this process's streams, relay/bells.py) and closes it at the end
   (:class:`RelayDoorbell`). The reader waits on that
   instead of the store's waiter thread and futex: the cheapest wake-up an HTTP worker can
   have, and the one almost every event takes (the request that started an answer reads
@@ -37,6 +38,7 @@ import os
 from dataclasses import dataclass, field
 
 from shmstream.relay import wire
+from shmstream.relay.bells import BellBox, bell_box
 from shmstream.store import errors
 from shmstream.store.errors import ShmstreamError
 from shmstream.store.interface import SessionInfo
@@ -108,10 +110,12 @@ class _Line(asyncio.Protocol):
     def __init__(self):
         self.transport: asyncio.Transport | None = None
         self.closed = False  # EOF or connection lost
-        self.rung = False  # doorbell: bytes arrived that no wait has taken yet
+        self.rung = False  # doorbell: a ring came that no wait has taken yet
         self._frames = bytearray()  # before the answer: bytes of frames to come
         self._ringing = False
         self._waiter: asyncio.Future | None = None
+        self._box: BellBox | None = None  # where this stream's rings come, by number
+        self.bell_number = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -123,6 +127,19 @@ class _Line(asyncio.Protocol):
             self._frames += data
         self._wake()
 
+    def use_bell_box(self, box: BellBox) -> None:
+        """Take rings from ``box`` (one datagram per relay pass for all of this process's
+        streams) instead of bytes on this connection."""
+        self._box = box
+        self.bell_number = box.register(self.ring)
+
+    def ring(self) -> None:
+        """A ring from the bell box. One may come before the answer frame is read (two
+        sockets, no order between them): it counts once ringing starts."""
+        self.rung = True
+        if self._ringing:
+            self._wake()
+
     def eof_received(self) -> bool:
         self.closed = True
         self._wake()
@@ -130,6 +147,9 @@ class _Line(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self._box is not None:
+            self._box.unregister(self.bell_number)
+            self._box = None
         self._wake()
 
     def _wake(self) -> None:
@@ -169,22 +189,26 @@ class _Line(asyncio.Protocol):
     def start_ringing(self) -> None:
         """From now on bytes are rings (any that came after the answer frame count)."""
         self._ringing = True
-        self.rung = bool(self._frames)
+        self.rung = self.rung or bool(self._frames)
         self._frames = bytearray()
 
     def close(self) -> None:
         self.closed = True
+        if self._box is not None:
+            self._box.unregister(self.bell_number)
+            self._box = None
         if self.transport is not None:
             self.transport.close()
         self._wake()
 
 
 class RelayDoorbell:
-    """The hand-off connection after a streaming answer. The relay writes one byte after
-    each append (none while earlier ones are unread) and closes it after the end, so
-    :meth:`wait` returns when a byte or EOF arrives (EOF, or a relay that died: ``alive``
-    turns False) or after ``timeout``. A byte rung before the reader's last poll only
-    makes it poll once more: it reads all that piled up at once."""
+    """The hand-off connection after a streaming answer. The relay rings after each append
+    (through this process's bell box, relay/bells.py, or with one byte on the connection
+    when there is none) and closes the connection after the end, so :meth:`wait` returns
+    on a ring or EOF (EOF, or a relay that died: ``alive`` turns False) or after
+    ``timeout``. A ring from before the reader's last poll only makes it poll once more:
+    it reads all that piled up at once."""
 
     def __init__(self, line: _Line):
         self._line = line
@@ -312,6 +336,11 @@ class RelayClient:
             _, line = await loop.create_unix_connection(_Line, self.socket_path)
         except OSError as exc:
             raise RelayUnavailable(f"cannot reach the relay processes: {exc}") from None
+        box = bell_box()
+        bell = {}
+        if box is not None:
+            line.use_bell_box(box)
+            bell = {"bell": box.address, "bell_number": line.bell_number}
         try:
             line.send({
                 "op": "submit",
@@ -321,6 +350,7 @@ class RelayClient:
                 "headers": [list(pair) for pair in request.headers],
                 "body": request.body,
                 "metadata": request.metadata,
+                **bell,
             })
             message = await line.read_frame()
         except (OSError, wire.FrameError) as exc:

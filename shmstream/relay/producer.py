@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from shmstream import metrics
+from shmstream.relay.bells import BellRinger
 from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest, AsyncUpstreamResponse
 from shmstream.relay.handoff import RelayAnswer
 from shmstream.relay.upstream import (
@@ -112,7 +113,8 @@ class Producer:
         self._last_append = time.monotonic()
         self._bytes = 0
         self._bytes_reported = 0
-        self._doorbells: set[asyncio.StreamWriter] = set()  # readers rung on every change
+        # readers rung on every change: their hand-off connection, and its bell (or None)
+        self._doorbells: dict[asyncio.StreamWriter, tuple[BellRinger, bytes, int] | None] = {}
 
     # --- the pump ---------------------------------------------------------------------
     def start(self) -> asyncio.Task:
@@ -251,32 +253,39 @@ class Producer:
             metrics.session_ended(self.final_state.label)
 
     # --- the readers' doorbells (the worker side is relay/handoff.py's RelayDoorbell) -------
-    def add_doorbell(self, writer: asyncio.StreamWriter) -> bool:
-        """Ring ``writer`` (one byte) after every append from now on, and at the end ring
-        it and close it. False if the session ended already (rung and closed at once)."""
+    def add_doorbell(self, writer: asyncio.StreamWriter,
+                     bell: tuple[BellRinger, bytes, int] | None = None) -> bool:
+        """Ring the reader behind ``writer`` after every append from now on: through
+        ``bell`` (the relay's ringer, the worker's bell box address, the stream's number
+        there), else with one byte on ``writer``; at the end, close ``writer`` (after a
+        last byte). False if the session ended already (closed at once)."""
         if not self.open:
-            _ring(writer)
+            if bell is None:
+                _ring(writer)
             writer.close()
             return False
-        self._doorbells.add(writer)
+        self._doorbells[writer] = bell
         return True
 
     def remove_doorbell(self, writer: asyncio.StreamWriter) -> None:
-        self._doorbells.discard(writer)
+        self._doorbells.pop(writer, None)
 
     def _ring_doorbells(self) -> None:
-        # A reader's unread rings still in the socket buffer already say "look again"
-        # (all it does is poll the session): one byte more per append would only pile up.
-        for writer in self._doorbells:
-            if not writer.transport.get_write_buffer_size():
+        for writer, bell in self._doorbells.items():
+            if bell is not None:
+                bell[0].ring(bell[1], bell[2])  # coalesced per worker per loop pass
+            # A reader's unread rings still in the socket buffer already say "look again"
+            # (all it does is poll the session): one byte more per append would only pile up.
+            elif not writer.transport.get_write_buffer_size():
                 _ring(writer)
 
     def _ring_doorbells_for_the_end(self) -> None:
-        writers, self._doorbells = self._doorbells, set()
-        for writer in writers:
-            _ring(writer)
+        doorbells, self._doorbells = self._doorbells, {}
+        for writer, bell in doorbells.items():
+            if bell is None:
+                _ring(writer)
             with contextlib.suppress(Exception):
-                writer.close()  # after the ring: the reader polls, finds the end, stops
+                writer.close()  # the reader polls once more, finds the end, stops
 
     # --- the ticker's side --------------------------------------------------------------
     def tick(self, now: float) -> None:

@@ -25,6 +25,7 @@ import time
 
 from shmstream import metrics
 from shmstream.relay import wire
+from shmstream.relay.bells import BellRinger
 from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest
 from shmstream.relay.handoff import TOKEN_KEY, RelayAnswer
 from shmstream.relay.producer import Producer
@@ -53,6 +54,7 @@ class RelayServer:
         self._ticker: asyncio.Task | None = None
         self._idle = asyncio.Event()  # no producer runs
         self._idle.set()
+        self.ringer = BellRinger()  # the readers' rings, one datagram per worker per pass
 
     # --- listening --------------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
@@ -92,7 +94,8 @@ class RelayServer:
                                       "body": answer.body}))
             # A stream: ring from the answer on (in the same step as its frame, so every
             # append the reader's first poll may miss is rung, after the frame).
-            ringing = answer.body is None and producer.add_doorbell(writer)
+            ringing = answer.body is None and producer.add_doorbell(
+                writer, self._bell_of(message))
             await writer.drain()
             if ringing:
                 await self._serve_doorbell(producer, reader, writer)
@@ -101,6 +104,13 @@ class RelayServer:
         finally:
             self._handoffs.discard(task)
             writer.close()
+
+    def _bell_of(self, message: dict) -> tuple[BellRinger, bytes, int] | None:
+        """Where the submit asked its rings to go (relay/bells.py); None: its connection."""
+        address, number = message.get("bell"), message.get("bell_number")
+        if isinstance(address, bytes) and address and isinstance(number, int):
+            return self.ringer, address, number
+        return None
 
     @staticmethod
     async def _serve_doorbell(producer: Producer, reader: asyncio.StreamReader,
@@ -214,4 +224,5 @@ class RelayServer:
         for task in handoffs:
             task.cancel()
         await asyncio.gather(*handoffs, return_exceptions=True)
+        self.ringer.close()
         await self.upstream.aclose()

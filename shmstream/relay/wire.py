@@ -5,15 +5,18 @@ connection that belongs to one request makes "the caller went away" a plain EOF 
 relay may ignore). A frame is a 4-byte big-endian length and a msgpack map with an ``op``:
 
     worker -> relay   {"op": "submit", "conversation_id", "method", "target",
-                       "headers": [[name, value], ...], "body": <bin>, "metadata": {...}}
+                       "headers": [[name, value], ...], "body": <bin>, "metadata": {...},
+                       "bell": <bin>, "bell_number"}   (both optional: relay/bells.py)
     relay -> worker   {"op": "created", "token"}            the session exists
                       {"op": "refused", "status", "type", "error", "message"}
                       {"op": "answer", "status", "headers", "body": <bin> | None}
 
-After an answer with ``body`` None (a stream) the connection is the reader's doorbell, in
-raw bytes, no frames: the relay writes one byte ``!`` after each append (none while its
-earlier ones sit unread in the socket buffer) and closes the connection after ringing for
-the end; the worker sends nothing.
+After an answer with ``body`` None (a stream) the connection is the reader's doorbell, no
+frames: the relay rings after each append, and closes the connection after the end; the
+worker sends nothing. With a ``bell`` in the submit the rings go there as the stream's
+``bell_number`` (relay/bells.py: one datagram per relay pass for all of a worker's
+streams); without one the relay writes one byte ``!`` here (none while its earlier ones
+sit unread in the socket buffer).
 
 Nothing here knows sessions or HTTP; :mod:`shmstream.relay.handoff` (worker side) and
 :mod:`shmstream.relay.server` (relay side) give the frames their meaning.
