@@ -146,7 +146,7 @@ def test_the_starting_request_is_woken_by_its_relay_not_by_a_waiter_thread(relay
 
 def test_the_relays_streams_ring_their_reader_through_the_bell_box(relay, store):
     # Real relay, real sessions: each reader waits on its hand-off line and is woken by
-    # datagrams; the relay never writes a ring byte on the connections.
+    # the relay's datagrams.
     async def go():
         client = relay.client()
 

@@ -125,7 +125,6 @@ class BellRinger:
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, {}
-        refused: dict[bytes, set[int]] = {}
         for address, numbers in pending.items():
             ordered = list(numbers)
             for start in range(0, len(ordered), BATCH):
@@ -134,16 +133,13 @@ class BellRinger:
                     self._socket.sendto(struct.pack(f"<{len(batch)}I", *batch), address)
                     self.sent += 1
                 except (BlockingIOError, InterruptedError):
-                    refused.setdefault(address, set()).update(ordered[start:])
+                    self._pending[address] = set(ordered[start:])  # refused: next pass
                     break
                 except OSError:
                     break  # the worker is gone (ECONNREFUSED, ENOENT): so are its readers
-        if refused:
-            for address, numbers in refused.items():
-                self._pending.setdefault(address, set()).update(numbers)
-            if not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_later(RETRY, self._flush)
+        if self._pending:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(RETRY, self._flush)
 
     def close(self) -> None:
         self._socket.close()

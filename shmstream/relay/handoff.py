@@ -140,6 +140,11 @@ class _Line(asyncio.Protocol):
         if self._ringing:
             self._wake()
 
+    def _leave_box(self) -> None:
+        if self._box is not None:
+            self._box.unregister(self.bell_number)
+            self._box = None
+
     def eof_received(self) -> bool:
         self.closed = True
         self._wake()
@@ -147,9 +152,7 @@ class _Line(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        if self._box is not None:
-            self._box.unregister(self.bell_number)
-            self._box = None
+        self._leave_box()
         self._wake()
 
     def _wake(self) -> None:
@@ -194,9 +197,7 @@ class _Line(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self._box is not None:
-            self._box.unregister(self.bell_number)
-            self._box = None
+        self._leave_box()
         if self.transport is not None:
             self.transport.close()
         self._wake()
