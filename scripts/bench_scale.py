@@ -15,7 +15,8 @@ and prints, each phase its own table:
    chunk in), the longest answer (request sent -> last byte), straight to the
    upstream and through shmstream; CPU of every shmstream process (the gunicorn tree:
    master, workers, relays, supervisor) per relayed event as user/system, with the load
-   generator's and the upstream's CPU beside it;
+   generator's and the upstream's CPU beside it. The replay checks run after every stream
+   ended, and their CPU is printed apart: it is reading, not relaying;
 2. idle: ``--idle-readers`` readers (``--idle-sessions`` completions whose upstream is
    silent, each with its caller plus GET readers) held open for ``--idle-seconds``: pings
    received per reader per second and the total RSS of shmstream's processes;
@@ -309,8 +310,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def load_streams(options: dict) -> dict:
-    """``streams`` completions, ramped; returns counts and timings (seconds)."""
+async def load_streams(options: dict, report=None) -> dict:
+    """``streams`` completions, ramped; returns counts and timings (seconds). With
+    ``replay``, every complete stream is then read again with ``GET ?from=0`` and compared,
+    after all the completions ended and ``report`` was called, so the caller can measure
+    the relaying's CPU apart from the check's."""
     port, via = options["port"], options["via"]
     count, events, interval = options["streams"], options["events"], options["interval"]
     run_id = uuid.uuid4().hex[:8]
@@ -332,19 +336,26 @@ async def load_streams(options: dict) -> dict:
             return
         complete = call.status == 200 and bytes(call.body[-len(DONE):]) == DONE \
             if options["replay"] else call.status == 200 and ended > 0
-        identical = None
-        if options["replay"] and complete:
-            replay = await open_call(port, http_request(
-                "GET", f"/v1/stream/{conversation}?from=0"), keep=True)
-            await asyncio.wait_for(replay.done, options["timeout"])
-            identical = bytes(replay.body) == bytes(call.body)
-        results.append({"ok": complete, "identical": identical,
+        results.append({"ok": complete, "conversation": conversation, "body": call.body,
                         "ttfb": call.head_at - call.sent_at if call.head_at else None,
                         "first": call.first_at - call.sent_at if call.first_at else None,
                         "took": (ended - call.sent_at) if ended else None,
                         "stamps": call.stamps})
 
     await asyncio.gather(*(one(i) for i in range(count)))
+    if options["replay"]:
+        if report is not None:
+            report({"relayed": True})
+        slots = asyncio.Semaphore(100)
+
+        async def check(result: dict) -> None:
+            async with slots:
+                replay = await open_call(port, http_request(
+                    "GET", f"/v1/stream/{result['conversation']}?from=0"), keep=True)
+                await asyncio.wait_for(replay.done, options["timeout"])
+                result["identical"] = bytes(replay.body) == bytes(result["body"])
+
+        await asyncio.gather(*(check(r) for r in results if r["ok"]))
     ttfb = [r["ttfb"] for r in results if r.get("ttfb") is not None]
     first = [r["first"] for r in results if r.get("first") is not None]
     took = [r["took"] for r in results if r.get("took") is not None]
@@ -426,8 +437,14 @@ async def load_fanout(options: dict) -> dict:
 def load_main(options: dict) -> None:
     raise_fd_limit()
     kind = options.pop("kind")
-    function = {"streams": load_streams, "idle": load_idle, "fanout": load_fanout}[kind]
-    print(json.dumps(run(function(options))), flush=True)
+    def report(line: dict) -> None:
+        print(json.dumps(line), flush=True)
+
+    if kind == "streams":
+        report(run(load_streams(options, report)))
+        return
+    function = {"idle": load_idle, "fanout": load_fanout}[kind]
+    report(run(function(options)))
 
 
 # --- the orchestrator --------------------------------------------------------------------
@@ -499,19 +516,34 @@ class Load:
         return sum(cpu_times([self.process.pid]))
 
 
-def measured(load_options: dict, watched: dict[str, list[int]]) -> tuple[dict, dict]:
-    """Run one load; its result and the CPU (user, system) of each watched tree + load."""
+def measured(load_options: dict, watched: dict[str, list[int]],
+             roles_of: int | None = None) -> tuple[dict, dict]:
+    """Run one load; its result and the CPU (user, system) of each watched tree + load.
+
+    A streams load with replay checks reports when the relaying is over: the CPU is taken
+    there (``cpu``, with ``roles``: each role's seconds of the ``roles_of`` tree), and the
+    replay checks' own CPU after it (``cpu["replay"]``: the shmstream tree's seconds)."""
     before = {name: cpu_times(pids) for name, pids in watched.items()}
+    roles_before = cpu_by_role(roles_of) if roles_of else {}
     load = Load(**load_options)
     try:
         load_cpu_before = cpu_times([load.process.pid])
         result = load.line()
-        load_cpu = cpu_times([load.process.pid])
+        cpu = {name: tuple(a - b for a, b in zip(cpu_times(pids), before[name], strict=True))
+               for name, pids in watched.items()}
+        cpu["load"] = tuple(a - b for a, b in
+                            zip(cpu_times([load.process.pid]), load_cpu_before, strict=True))
+        if roles_of:
+            roles_after = cpu_by_role(roles_of)
+            cpu["roles"] = {role: roles_after[role] - roles_before.get(role, 0.0)
+                            for role in sorted(roles_after) if role != "gone"}
+        if result.get("relayed"):
+            replay_before = cpu_times(watched["shmstream"])
+            result = load.line()
+            cpu["replay"] = tuple(a - b for a, b in zip(cpu_times(watched["shmstream"]),
+                                                        replay_before, strict=True))
     finally:
         load.process.wait(60)
-    cpu = {name: tuple(a - b for a, b in zip(cpu_times(pids), before[name], strict=True))
-           for name, pids in watched.items()}
-    cpu["load"] = tuple(a - b for a, b in zip(load_cpu, load_cpu_before, strict=True))
     return result, cpu
 
 
@@ -531,6 +563,10 @@ def fmt_ms(seconds) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--paths", default="direct,shmstream",
+                        help="scale phase: which paths to run (direct,shmstream)")
+    parser.add_argument("--relays", type=int, default=None,
+                        help="relay processes (default: the service's own default)")
     parser.add_argument("--streams", default="200,500,1000,2000")
     parser.add_argument("--rate", type=float, default=10.0, help="events/s per stream")
     parser.add_argument("--events", type=int, default=100)
@@ -555,7 +591,8 @@ def main() -> int:
     namespace = f"bscale{os.getpid()}"
     log_dir = tempfile.mkdtemp(prefix="bench-scale-")
     service = Service(namespace, f"http://127.0.0.1:{upstream_port}", log_dir,
-                      workers=args.workers, max_bytes=args.max_bytes, ping_interval=1.0)
+                      workers=args.workers, max_bytes=args.max_bytes, ping_interval=1.0,
+                      **({"relays": args.relays} if args.relays else {}))
     phases = set(args.phases.split(","))
     try:
         service.start(timeout=60)
@@ -571,18 +608,20 @@ def main() -> int:
             print("|---|---|---|---|---|---|---|---|---|---|")
             by_process_lines: list[str] = []
             for count in [int(n) for n in args.streams.split(",")]:
-                for via, port in (("direct", upstream_port), ("shmstream", service.port)):
-                    roles_before = cpu_by_role(service.process.pid)
+                paths = (("direct", upstream_port), ("shmstream", service.port))
+                for via, port in [path for path in paths if path[0] in args.paths]:
+                    through = via == "shmstream"
                     result, cpu = measured({**common, "port": port, "via": via,
                                             "streams": count, "events": args.events,
                                             "interval": 1 / args.rate, "stamp": False,
-                                            "replay": via == "shmstream"}, watched)
+                                            "replay": through}, watched,
+                                           roles_of=service.process.pid if through else None)
                     relayed = result["complete"] * (args.events + 1)
                     user, system = cpu["shmstream"]
                     per_event = (f"{(user + system) / relayed * 1e6:.0f} us "
                                  f"({user / relayed * 1e6:.0f}+{system / relayed * 1e6:.0f})"
-                                 if via == "shmstream" and relayed else "-")
-                    identical = result["identical"] if via == "shmstream" else "-"
+                                 if through and relayed else "-")
+                    identical = result["identical"] if through else "-"
                     print(f"| {count} | {via} | {result['complete']}/{count} | {identical} | "
                           f"{fmt_ms(result['ttfb_p50'])} / {fmt_ms(result['ttfb_p99'])} | "
                           f"{fmt_ms(result['first_p50'])} / {fmt_ms(result['first_p99'])} | "
@@ -590,14 +629,15 @@ def main() -> int:
                           f"{sum(cpu['load']):.2f} s | {sum(cpu['upstream']):.2f} s |"
                           + (f" errors {result['errors']}" if result["errors"] else ""),
                           flush=True)
-                    if via == "shmstream" and relayed:
-                        roles_after = cpu_by_role(service.process.pid)
-                        spent = {role: roles_after[role] - roles_before.get(role, 0.0)
-                                 for role in sorted(roles_after) if role != "gone"}
+                    if through and relayed:
                         by_role = ", ".join(f"{role} {seconds / relayed * 1e6:.0f} us"
-                                            for role, seconds in spent.items())
-                        by_process_lines.append(f"- {count} streams, CPU per relayed event "
-                                                f"by process: {by_role}")
+                                            for role, seconds in cpu["roles"].items())
+                        replay = sum(cpu.get("replay", (0.0, 0.0)))
+                        checked = max(1, result["identical"])
+                        by_process_lines.append(
+                            f"- {count} streams, CPU per relayed event by process: {by_role}; "
+                            f"the replay checks after it: {replay:.2f} s "
+                            f"({replay / checked * 1e3:.2f} ms per GET ?from=0)")
             print("\n".join(by_process_lines), flush=True)
         if "idle" in phases:
             load = Load(kind="idle", port=service.port, sessions=args.idle_sessions,

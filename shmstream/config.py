@@ -276,9 +276,10 @@ class Settings:
     workers: int | None = setting(
         Integer(minimum=1, maximum=256), None, "HTTP worker processes",
         default_text="2 per CPU (2..8)", optional=True, process=True)
-    relays: int = setting(
-        Integer(minimum=1, maximum=64), 1, "relay processes; each relays thousands of "
-        "streams on one event loop", metavar="N")
+    relays: int | None = setting(
+        Integer(minimum=1, maximum=64), None, "relay processes; each relays thousands of "
+        "streams on one event loop", default_text="1 per CPU (1..4)", optional=True,
+        metavar="N")
     graceful_timeout: float = setting(
         Duration(minimum=0, maximum=3600), 30.0, "on SIGTERM, running answers get this long "
         "to finish before they end aborted")

@@ -67,6 +67,9 @@ class Service:
             "SHMSTREAM_THREADS": str(threads),
             "SHMSTREAM_GRACEFUL_TIMEOUT": "3",
             "SHMSTREAM_ACCESS_LOG": self.access_log,
+            # One relay unless a test asks for more (relays=N): the fault tests kill "the"
+            # relay. The default, one per CPU, runs in test_relay_process's several-relay test.
+            "SHMSTREAM_RELAYS": "1",
         })
         if upstream:
             env["SHMSTREAM_UPSTREAM"] = upstream

@@ -261,3 +261,54 @@ def test_sigterm_to_the_whole_service_at_once_restarts_nothing(service, round_):
     log = service.log_text()
     assert "died" not in log and "restarting" not in log and "starting a new one" not in log
     assert "started supervisor" in log and log.count("started supervisor") == 1
+
+
+def test_several_relays_share_the_answers_and_each_is_read_whole_through_any_worker(
+        namespace, tmp_path, upstream):
+    """The default on a machine with several CPUs: relays accept from one socket, so any of
+    them may produce a conversation; every answer is whole through the HTTP workers, and
+    a cancel through a worker reaches whichever relay produces it."""
+    directory = tempfile.mkdtemp(prefix="ss-")
+    server = Service(namespace, upstream.url, str(tmp_path), workers=2, relays=2,
+                     relay_socket=os.path.join(directory, "relay.sock"))
+    server.relay_socket = server.env["SHMSTREAM_RELAY_SOCKET"]
+    server.start()
+    store = ShmStore(namespace)
+    try:
+        relays = wait_for(lambda: (pids := relay_pids(server)) and len(pids) == 2 and pids,
+                          timeout=20)
+        count = 12
+
+        def complete(index: int) -> bytes:
+            body = {"stream": True, "script": {"tag": f"many-{index}", "events": 20,
+                                               "interval": 0.02}}
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                              headers={"X-Conversation-Id": f"many-{index}"},
+                              timeout=30) as answer:
+                assert answer.status_code == 200
+                return b"".join(answer.iter_bytes()).replace(PING, b"")
+
+        results: dict[int, bytes] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, complete(i)))
+                   for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert {i: results.get(i) for i in range(count)} == {
+            i: expected_body(f"many-{i}", 20) for i in range(count)}
+        producers = {final_info(store, f"many-{i}").producer_pid for i in range(count)}
+        assert producers <= relays, "an answer was produced outside the relays"
+        print(f"{count} answers produced by {len(producers)} of {len(relays)} relays")
+
+        hand_off(server, "cut", {"tag": "cut", "events": 1000, "interval": 0.05})
+        with store.get("cut") as session:
+            assert session.info().producer_pid in relays
+        assert httpx.delete(server.url + "/v1/stream/cut", timeout=10).status_code == 204
+        record = wait_for(lambda: (r := upstream_record(upstream, "cut")) and r["closed_at"]
+                          and r, timeout=10)
+        assert not record["finished"]  # the producing relay hung up on the upstream
+    finally:
+        store.close()
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)

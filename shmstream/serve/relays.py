@@ -103,6 +103,13 @@ class RelayChild:
                 os.kill(self.pid, sig)
 
 
+def default_relay_count() -> int:
+    """One relay per CPU, at most 4. A relay is one event loop: on 2 cores one relay was
+    the bottleneck of a 2,000-stream ramp (1,000 stream setups a second at ~0.8 ms of relay
+    CPU each, beside the events), two halved its first-event p99 (scripts/bench_scale.py)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 class RelayPool:
     """The master's relays: start, watch, restart, renew on reload, stop.
 
@@ -112,7 +119,8 @@ class RelayPool:
     def __init__(self, settings: Settings, abort_producers: Callable[[list[int]], int],
                  count: int | None = None, graceful_timeout: float | None = None):
         self.settings = settings
-        self.count = max(1, count if count is not None else settings.relays)
+        self.count = max(1, count if count is not None else
+                         settings.relays or default_relay_count())
         self.graceful_timeout = (graceful_timeout if graceful_timeout is not None
                                  else settings.graceful_timeout)
         self.abort_producers = abort_producers
