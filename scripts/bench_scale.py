@@ -58,6 +58,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from benchkit import process_tree_cpu  # noqa: E402
 
+from shmstream.serve.relays import default_relay_count  # noqa: E402
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency of the service
@@ -587,12 +589,13 @@ def main() -> int:
     raise_fd_limit()  # inherited by gunicorn and the load clients
     from service import Service
 
+    relays = args.relays or default_relay_count()
     upstream, upstream_port = start_upstream()
     namespace = f"bscale{os.getpid()}"
     log_dir = tempfile.mkdtemp(prefix="bench-scale-")
     service = Service(namespace, f"http://127.0.0.1:{upstream_port}", log_dir,
                       workers=args.workers, max_bytes=args.max_bytes, ping_interval=1.0,
-                      **({"relays": args.relays} if args.relays else {}))
+                      relays=relays)
     phases = set(args.phases.split(","))
     try:
         service.start(timeout=60)
@@ -601,7 +604,7 @@ def main() -> int:
         common = {"kind": "streams", "pad": args.pad, "ramp": args.ramp, "timeout": timeout}
         if "scale" in phases:
             print(f"\n## {args.rate:g} events/s x {args.events} events per stream, "
-                  f"{args.workers} workers, ramp {args.ramp:g} s")
+                  f"{args.workers} workers, {relays} relays, ramp {args.ramp:g} s")
             print("| streams | path | complete | replay-identical | TTFB p50 / p99 "
                   "| first event p50 / p99 | longest "
                   "| shmstream CPU/event (user+sys) | load CPU | upstream CPU |")
