@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 
 import pytest
@@ -21,6 +23,7 @@ from shmstream.relay.producer import _TERMINAL, Producer
 from shmstream.relay.upstream import PING
 from shmstream.shm.store import ShmStore
 from shmstream.store.errors import StoreUnavailable
+from shmstream.store.ids import short_hash
 from shmstream.store.states import State
 
 CANCEL_BUDGET = 0.25  # seconds from a cancel anywhere to the upstream seeing its client go
@@ -84,6 +87,26 @@ def test_stream_is_relayed_verbatim_and_the_session_belongs_to_the_ticket(relay,
     assert info.state is State.DONE
     assert ticket.owns(info) and info.metadata["model"] == "m"
     assert info.producer_pid == __import__("os").getpid()  # the relay's process
+
+
+def test_a_session_logs_two_info_lines_and_its_end_says_what_the_upstream_answered(
+        relay, store, caplog):
+    caplog.set_level(logging.INFO, logger="shmstream")
+    _ticket, answer = submit_and_answer(relay.client(), completion("logged", {
+        "tag": "lg", "events": 5}))
+    assert answer.status == 200
+    wait_for(lambda: state_of(store, "logged").is_terminal)
+    hashed = short_hash("logged")
+    lines = wait_for(lambda: (found := [r.getMessage() for r in caplog.records
+                                        if f"id={hashed}" in r.getMessage()])
+                     and any("session ended" in line for line in found) and found)
+    assert [line.split()[1] for line in lines] == ["started", "ended"], lines
+    ended = re.fullmatch(r"session ended id=\S+ state=done upstream=200 "
+                         r"answered=(\d+\.\d{3})s bytes=(\d+) seconds=(\d+\.\d{3})",
+                         lines[1])
+    assert ended, lines[1]
+    assert int(ended[2]) == len(expected_body("lg", 5))
+    assert float(ended[1]) <= float(ended[3])
 
 
 def test_the_session_exists_before_the_upstream_answers(relay, store, upstream_server):

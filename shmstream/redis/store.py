@@ -332,8 +332,8 @@ class RedisStore(SessionStore):
             notifier.release(control)
             raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
         self._keeper().add(gen, control)
-        log.info("session created id=%s gen=%s replaced=%s",
-                 ids.short_hash(conversation_id), gen, "yes" if replaced else "no")
+        log.debug("session created id=%s gen=%s replaced=%s",  # as the shm store's: DEBUG
+                  ids.short_hash(conversation_id), gen, "yes" if replaced else "no")
         session = RedisSession(self, gen, conversation_id, self.capacity, control=control)
         session.replaced = bool(replaced)
         return session

@@ -101,6 +101,7 @@ class Producer:
         self.ping_interval = ping_interval
         self.log_id = short_hash(session.conversation_id)
         self.started = time.monotonic()
+        self._answered: tuple[int, float] | None = None  # upstream status, seconds to it
         self.answer: RelayAnswer | None = None
         self.final_state: State | None = None
         self.task: asyncio.Task | None = None
@@ -185,8 +186,11 @@ class Producer:
                 self._append_error(error)
                 log.warning("session upstream-failed id=%s error=%r", self.log_id, exc.message)
                 return state
-            log.info("session upstream-answered id=%s status=%d after=%.3fs", self.log_id,
-                     response.status, time.monotonic() - self.started)
+            self._answered = (response.status, time.monotonic() - self.started)
+            # Its status and time are in the "ended" line: one INFO line fewer per session
+            # (logging was ~9% of a relay's CPU per stream setup).
+            log.debug("session upstream-answered id=%s status=%d after=%.3fs", self.log_id,
+                      *self._answered)
             if not 200 <= response.status < 300:
                 metrics.upstream_error("status")
                 body = await response.read(MAX_ERROR_BODY)
@@ -246,8 +250,10 @@ class Producer:
             self.session.close()
             self._ring_doorbells_for_the_end()
         self._set_answer(SSE_ANSWER)  # cancelled or aborted before the upstream answered
-        log.info("session ended id=%s state=%s bytes=%d seconds=%.3f", self.log_id,
-                 self.final_state.label if self.final_state else "?", self._bytes,
+        status, answered = self._answered or ("-", None)
+        log.info("session ended id=%s state=%s upstream=%s answered=%s bytes=%d seconds=%.3f",
+                 self.log_id, self.final_state.label if self.final_state else "?", status,
+                 "-" if answered is None else f"{answered:.3f}s", self._bytes,
                  time.monotonic() - self.started)
         if self.final_state is not None:
             metrics.session_ended(self.final_state.label)

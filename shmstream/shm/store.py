@@ -362,8 +362,10 @@ class ShmStore(SessionStore):
                 started_at_us=now_us(), producer_pid=Identity.pid,
                 producer_start=Identity.start, producer_scope=Identity.scope,
             )
-        log.info("session created id=%s replaced=%s", segment.short_hash(conversation_id),
-                 "yes" if replaced else "no")
+        # DEBUG: a relay's "session started" line says the same (with replaced=), and an
+        # INFO line per session is a measurable share of a stream's setup.
+        log.debug("session created id=%s replaced=%s", segment.short_hash(conversation_id),
+                  "yes" if replaced else "no")
         session = ShmSession(seg, conversation_id, self._may_grow)
         session.replaced = replaced
         return session
