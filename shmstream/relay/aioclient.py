@@ -64,8 +64,10 @@ class _AiohttpResponse(AsyncUpstreamResponse):
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         # Content-decoded (aiohttp's auto_decompress); aiter_raw is the same stream, which
         # is what the relay wants: its bytes go into the session as the client reads them.
+        # readany in a loop is iter_any without its iterator object's layer per chunk.
+        content = self._response.content
         try:
-            async for chunk in self._response.content.iter_any():
+            while chunk := await content.readany():
                 yield chunk
         except _ERRORS as exc:
             raise UpstreamError.caused_by(exc) from exc

@@ -102,6 +102,7 @@ class Producer:
         self.log_id = short_hash(session.conversation_id)
         self.started = time.monotonic()
         self._answered: tuple[int, float] | None = None  # upstream status, seconds to it
+        self._appends = self._appends_seen = 0  # appends made / as of the last tick
         self.answer: RelayAnswer | None = None
         self.final_state: State | None = None
         self.task: asyncio.Task | None = None
@@ -149,6 +150,7 @@ class Producer:
         appended = self.session.append(data)
         if appended:
             self._ring_doorbells()
+        self._appends += 1
         self._last_append = time.monotonic()
         window = self._tail + data
         # A plain search first: the regex runs only on the rare chunk that may end it.
@@ -299,7 +301,12 @@ class Producer:
         the upstream is open and silent, at an event boundary."""
         if not self.open or self.stop_reason is not None:
             return
-        if self.session.producer_should_stop:
+        # A producer that appended since the last pass needs no peek: an append to a
+        # finalized session fails, and that ends it; one gone silent is peeked at the next
+        # pass (a cancel lands within two passes). At 10 events/s per stream this saves
+        # half the peeks, which py-spy put at ~4% of a relay's CPU.
+        appended, self._appends_seen = self._appends != self._appends_seen, self._appends
+        if not appended and self.session.producer_should_stop:
             self.stop("cancel")
             log.info("session cancel-observed id=%s upstream call closed", self.log_id)
             return

@@ -34,7 +34,7 @@ from shmstream.store.interface import SessionStore
 
 log = logging.getLogger("shmstream.relay.server")
 
-TICK = 0.05  # seconds between two cancel/ping passes: a DELETE lands within ~this
+TICK = 0.05  # seconds between two cancel/ping passes: a DELETE lands within two of them
 BACKLOG = 4096  # hand-offs waiting to be accepted (a burst of completions, a relay renewal)
 
 

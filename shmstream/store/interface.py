@@ -198,8 +198,13 @@ class Session(abc.ABC):
 
         With a ``doorbell`` (the request that started the answer has one to its producer)
         the reader waits on it while it works, and on the store's wake-up after that."""
+        # A backend that polls inline is called directly: no coroutine per event.
+        inline = type(self)._apoll is Session._apoll
         while True:
-            chunk, finished = await self._apoll(offset, limit)
+            if inline:
+                chunk, finished = self._poll(offset, limit)
+            else:
+                chunk, finished = await self._apoll(offset, limit)
             if chunk:
                 offset += len(chunk)
                 yield chunk
