@@ -25,7 +25,11 @@ and prints, each phase its own table:
    (from the caller's first event to the store's completion stamp, which the relay sets
    after its last append: the producer's pace) and the caller's own events/s (the
    workers' pace too), beside the same without extra readers;
-4. latency: ``--latency-streams`` streams x ``--latency-rate`` events/s, each event stamped
+4. floor: what the chosen stack costs per event without shmstream, with the same upstream
+   and load client (``--floor-streams`` streams): a bare Falcon ASGI app under gunicorn's
+   asgi worker (``scripts/floor_app.py``, the HTTP worker hop) and aiohttp reading the
+   upstream with nothing done with the bytes (the relay hop), beside shmstream's figure;
+5. latency: ``--latency-streams`` streams x ``--latency-rate`` events/s, each event stamped
    with its send time: the delay added over connecting straight to the upstream (p50/p99).
 
 gunicorn's asgi worker sends the status line and headers together with the first body
@@ -450,6 +454,35 @@ async def load_fanout(options: dict) -> dict:
             "slowest_reader_s": max(ends) - caller.first_at if ends else seconds}
 
 
+async def load_aiohttp_reader(options: dict) -> dict:
+    """The floor of a relay hop: aiohttp on this process's uvloop reading ``streams``
+    ramped SSE answers straight from the upstream and dropping the bytes, as a relay's
+    producers read them (``readany``). Returns its own CPU seconds."""
+    import aiohttp
+
+    port, count = options["port"], options["streams"]
+    reads = []
+
+    async def one(client, index: int) -> None:
+        await asyncio.sleep(options["ramp"] * index / max(1, count))
+        body = {"stream": True, "messages": [], "bench": {
+            "events": options["events"], "interval": options["interval"],
+            "pad": options["pad"], "tag": f"floor-{index}", "stamp": False}}
+        async with client.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                               json=body) as answer:
+            read, content = 0, answer.content
+            while await content.readany():
+                read += 1
+        reads.append(read)
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        await asyncio.gather(*(one(client, i) for i in range(count)))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"streams": count, "complete": len(reads), "reads": sum(reads),
+            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+
+
 def load_main(options: dict) -> None:
     raise_fd_limit()
     kind = options.pop("kind")
@@ -459,7 +492,8 @@ def load_main(options: dict) -> None:
     if kind == "streams":
         report(run(load_streams(options, report)))
         return
-    function = {"idle": load_idle, "fanout": load_fanout}[kind]
+    function = {"idle": load_idle, "fanout": load_fanout,
+                "aiohttp_reader": load_aiohttp_reader}[kind]
     report(run(function(options)))
 
 
@@ -576,6 +610,55 @@ def fmt_ms(seconds) -> str:
     return "-" if seconds is None or seconds != seconds else f"{seconds * 1000:.0f} ms"
 
 
+def floor(args, upstream_port: int, scale_cpu: dict[int, float]) -> None:
+    """What the chosen stack costs per event without shmstream, with the same upstream and
+    load: a bare Falcon ASGI app under gunicorn's asgi worker (scripts/floor_app.py) for
+    the HTTP worker hop, and aiohttp reading the upstream for the relay hop."""
+    from service import free_port, stop_gracefully
+
+    count = args.floor_streams
+    plan = {"pad": args.pad, "ramp": args.ramp, "events": args.events,
+            "interval": 1 / args.rate, "timeout": 60 + 3 * args.events / args.rate}
+    port = free_port()
+    app = subprocess.Popen(
+        [os.path.join(ROOT, ".venv", "bin", "gunicorn"), "-k", "asgi", "-w",
+         str(args.workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning",
+         "--chdir", os.path.join(ROOT, "scripts"), "floor_app:app"],
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(1.0)  # every worker booted: they accept once the master listens
+        result, cpu = measured({"kind": "streams", "port": port, "via": "direct",
+                                "streams": count, "stamp": False, "replay": False, **plan},
+                               {"floor": [app.pid]})
+    finally:
+        stop_gracefully(app)
+    worker_floor = sum(cpu["floor"]) / max(1, result["complete"] * (args.events + 1))
+    reader = Load(kind="aiohttp_reader", port=upstream_port, streams=count, **plan).result()
+    relay_floor = reader["cpu"] / max(1, reader["complete"] * (args.events + 1))
+    print(f"\n## floor: the stack without shmstream, {count} streams x {args.rate:g} "
+          f"events/s x {args.events} events, the same upstream and load client")
+    print("| hop | complete | CPU per event |")
+    print("|---|---|---|")
+    print(f"| HTTP worker: bare Falcon ASGI app under gunicorn's asgi worker ({args.workers} "
+          f"workers), streaming from a per-process tick | {result['complete']}/{count} | "
+          f"{worker_floor * 1e6:.1f} us |")
+    print(f"| relay: aiohttp on uvloop reading the upstream, bytes dropped (one process) | "
+          f"{reader['complete']}/{count} | {relay_floor * 1e6:.1f} us |")
+    print(f"| the two hops' floor | | {(worker_floor + relay_floor) * 1e6:.1f} us |")
+    if count in scale_cpu:
+        print(f"| shmstream, {count} streams in the scale phase above | | "
+              f"{scale_cpu[count] * 1e6:.1f} us |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=4)
@@ -599,7 +682,8 @@ def main() -> int:
     parser.add_argument("--max-bytes", type=int, default=32 << 20,
                         help="SHMSTREAM_MAX_BYTES: the fan-out's whole burst fits, so its "
                         "readers are not lapped (rings grow with what they hold)")
-    parser.add_argument("--phases", default="scale,idle,fanout,latency")
+    parser.add_argument("--floor-streams", type=int, default=2000)
+    parser.add_argument("--phases", default="scale,idle,fanout,floor,latency")
     args = parser.parse_args()
     raise_fd_limit()  # inherited by gunicorn and the load clients
     from service import Service
@@ -612,6 +696,7 @@ def main() -> int:
                       workers=args.workers, max_bytes=args.max_bytes, ping_interval=1.0,
                       relays=relays)
     phases = set(args.phases.split(","))
+    scale_cpu: dict[int, float] = {}  # streams -> shmstream CPU seconds per relayed event
     try:
         service.start(timeout=60)
         watched = {"shmstream": [service.process.pid], "upstream": [upstream.pid]}
@@ -648,6 +733,7 @@ def main() -> int:
                           + (f" errors {result['errors']}" if result["errors"] else ""),
                           flush=True)
                     if through and relayed:
+                        scale_cpu[count] = (user + system) / relayed
                         by_role = ", ".join(f"{role} {seconds / relayed * 1e6:.0f} us"
                                             for role, seconds in cpu["roles"].items())
                         replay = sum(cpu.get("replay", (0.0, 0.0)))
@@ -689,6 +775,8 @@ def main() -> int:
                 print(f"| {result['readers']} | {result['complete']} | "
                       f"{result['into_session_per_s']:,.0f} | {result['events_per_s']:,.0f} | "
                       f"{result['slowest_reader_s']:.2f} s |", flush=True)
+        if "floor" in phases:
+            floor(args, upstream_port, scale_cpu)
         if "latency" in phases:
             rows = {}
             for via, port in (("direct", upstream_port), ("shmstream", service.port)):
