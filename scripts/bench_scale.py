@@ -682,6 +682,8 @@ def main() -> int:
     parser.add_argument("--max-bytes", type=int, default=32 << 20,
                         help="SHMSTREAM_MAX_BYTES: the fan-out's whole burst fits, so its "
                         "readers are not lapped (rings grow with what they hold)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="with gunicorn's access log (the service's default is none)")
     parser.add_argument("--floor-streams", type=int, default=2000)
     parser.add_argument("--phases", default="scale,idle,fanout,floor,latency")
     args = parser.parse_args()
@@ -694,7 +696,7 @@ def main() -> int:
     log_dir = tempfile.mkdtemp(prefix="bench-scale-")
     service = Service(namespace, f"http://127.0.0.1:{upstream_port}", log_dir,
                       workers=args.workers, max_bytes=args.max_bytes, ping_interval=1.0,
-                      relays=relays)
+                      relays=relays, access_log=args.access_log)
     phases = set(args.phases.split(","))
     scale_cpu: dict[int, float] = {}  # streams -> shmstream CPU seconds per relayed event
     try:

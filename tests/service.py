@@ -52,7 +52,7 @@ class Service:
     """``gunicorn -c gunicorn.conf.py`` on a free port, with ``workers`` asgi workers."""
 
     def __init__(self, namespace: str, upstream: str | None, log_dir: str, workers: int = 3,
-                 threads: int = 16, **settings):
+                 threads: int = 16, access_log: bool = True, **settings):
         self.namespace = namespace
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -66,11 +66,12 @@ class Service:
             "SHMSTREAM_WORKERS": str(workers),
             "SHMSTREAM_THREADS": str(threads),
             "SHMSTREAM_GRACEFUL_TIMEOUT": "3",
-            "SHMSTREAM_ACCESS_LOG": self.access_log,
             # One relay unless a test asks for more (relays=N): the fault tests kill "the"
             # relay. The default, one per CPU, runs in test_relay_process's several-relay test.
             "SHMSTREAM_RELAYS": "1",
         })
+        if access_log:  # the tests read it; benchmarks run the default, none
+            env["SHMSTREAM_ACCESS_LOG"] = self.access_log
         if upstream:
             env["SHMSTREAM_UPSTREAM"] = upstream
         for key, value in settings.items():
