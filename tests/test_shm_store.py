@@ -401,6 +401,8 @@ def _patient_reader(namespace: str, results) -> None:
     session = ShmStore(namespace, capacity=1024 * 1024).get("doomed")
     received = bytearray()
     for chunk in session.read(0, wake_interval=30.0):  # only a wake-up can end it early
+        if not received:
+            results.put("reading")
         received += chunk
     results.put((bytes(received), session.info().state))
     session.close()
@@ -414,12 +416,16 @@ def test_a_reader_of_a_killed_producer_ends_when_gc_aborts_the_session(namespace
         producer = start(_endless_producer, namespace, results)
         assert take(results, 1, timeout=10) == ["created"]
         reader = start(_patient_reader, namespace, results)
+        # The kill lands while the reader reads (a spawned reader can take seconds to
+        # start on a loaded machine).
+        assert take(results, 1, timeout=30) == ["reading"]
         session = store.get("doomed")
         assert wait_until(lambda: session.info().total_bytes > 20_000)
         os.kill(producer.pid, signal.SIGKILL)
         producer.join(5)
         assert session.info().producer_alive is False
-        assert wait_until(lambda: session.info().waiters >= 1), "the reader never slept"
+        assert wait_until(lambda: session.info().waiters >= 1), \
+            f"the reader never slept (alive: {reader.is_alive()}, exit {reader.exitcode})"
         assert reader.is_alive(), "the reader ended before anyone noticed the dead producer"
         report = store.gc()
         assert report.aborted == 1
