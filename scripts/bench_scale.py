@@ -620,11 +620,12 @@ def floor(args, upstream_port: int, scale_cpu: dict[int, float]) -> None:
     plan = {"pad": args.pad, "ramp": args.ramp, "events": args.events,
             "interval": 1 / args.rate, "timeout": 60 + 3 * args.events / args.rate}
     port = free_port()
+    # Started in scripts/, where no gunicorn.conf.py is: shmstream's own (the repository
+    # root's, gunicorn's default file) would add its hooks, relays and supervisor.
     app = subprocess.Popen(
         [os.path.join(ROOT, ".venv", "bin", "gunicorn"), "-k", "asgi", "-w",
          str(args.workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning",
-         "--chdir", os.path.join(ROOT, "scripts"), "floor_app:app"],
-        start_new_session=True)
+         "floor_app:app"], cwd=os.path.join(ROOT, "scripts"), start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -3,7 +3,7 @@ app under gunicorn's asgi worker (as shmstream's workers run) that streams the b
 answers from a per-process tick, with no store, relay or hand-off. Its CPU per event is what
 the chosen stack costs before shmstream does anything:
 
-    gunicorn -k asgi -w 4 -b 127.0.0.1:PORT --chdir scripts floor_app:app
+    cd scripts && ../.venv/bin/gunicorn -k asgi -w 4 -b 127.0.0.1:PORT floor_app:app
 """
 
 from __future__ import annotations
