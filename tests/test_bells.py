@@ -66,3 +66,16 @@ def test_a_worker_that_is_gone_costs_the_relay_nothing():
         assert ringer.sent == 0 and not ringer._pending  # ECONNREFUSED: dropped
         ringer.close()
     asyncio.run(go())
+
+
+def test_a_loop_without_a_bell_box_tries_once_and_warns_once(monkeypatch, caplog):
+    def refused(self, loop):
+        raise OSError("no abstract unix sockets here")
+
+    monkeypatch.setattr(BellBox, "__init__", refused)
+
+    async def go():
+        return [bell_box() for _ in range(3)]
+
+    assert asyncio.run(go()) == [None, None, None]  # the hand-off connection is rung
+    assert sum("no bell box" in r.getMessage() for r in caplog.records) == 1

@@ -87,17 +87,19 @@ _boxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def bell_box() -> BellBox | None:
     """The running loop's :class:`BellBox`, made on first use; None where one cannot be
-    made (no abstract unix sockets: the hand-off connection is rung instead)."""
+    made (no abstract unix sockets: the hand-off connection is rung instead). A loop
+    tries once: the warning is not repeated for every request."""
     loop = asyncio.get_running_loop()
-    box = _boxes.get(loop)
-    if box is None:
-        try:
-            box = BellBox(loop)
-        except (OSError, NotImplementedError) as exc:
-            log.warning("no bell box (%s): relays ring each hand-off connection instead", exc)
-            return None
-        _boxes[loop] = box
+    if loop in _boxes:
+        return _boxes[loop]
+    try:
+        box = BellBox(loop)
+    except (OSError, NotImplementedError) as exc:
+        log.warning("no bell box (%s): relays ring each hand-off connection instead", exc)
+        box = None
+    else:
         weakref.finalize(loop, box._socket.close)
+    _boxes[loop] = box
     return box
 
 
