@@ -52,6 +52,7 @@ import json
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -610,6 +611,14 @@ def fmt_ms(seconds) -> str:
     return "-" if seconds is None or seconds != seconds else f"{seconds * 1000:.0f} ms"
 
 
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def floor(args, upstream_port: int, scale_cpu: dict[int, float]) -> None:
     """What the chosen stack costs per event without shmstream, with the same upstream and
     load: a bare Falcon ASGI app under gunicorn's asgi worker (scripts/floor_app.py) for
@@ -627,16 +636,13 @@ def floor(args, upstream_port: int, scale_cpu: dict[int, float]) -> None:
          str(args.workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning",
          "floor_app:app"], cwd=os.path.join(ROOT, "scripts"), start_new_session=True)
     try:
+        # Ready when every worker is forked and the port accepts (workers accept once the
+        # master listens, so a connection alone says nothing of the last worker).
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                import socket
-
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        time.sleep(1.0)  # every worker booted: they accept once the master listens
+        while len(process_tree_cpu([app.pid])) < args.workers + 1 or not _accepts(port):
+            if app.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the floor app did not start its workers")
+            time.sleep(0.1)
         result, cpu = measured({"kind": "streams", "port": port, "via": "direct",
                                 "streams": count, "stamp": False, "replay": False, **plan},
                                {"floor": [app.pid]})
