@@ -476,3 +476,34 @@ def test_a_ring_that_came_with_the_answer_is_not_lost_and_eof_ends_the_line():
         await RelayDoorbell(silent).wait(0.05)  # nothing comes: the timeout returns
         assert asyncio.get_running_loop().time() - started >= 0.05
     asyncio.run(go())
+
+
+def test_a_doorbell_wait_times_out_on_its_own_deadline_whatever_waits_came_before():
+    # One timer serves every wait of a line (no timer per event): a wait that began after
+    # the timer was armed still gets its full timeout, and a shorter one is not kept
+    # waiting by a longer one's timer.
+    from shmstream.relay.handoff import RelayDoorbell, _Line
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        line = _Line()
+        line.start_ringing()
+        doorbell = RelayDoorbell(line)
+        for _ in range(3):  # rung waits: each ends at its ring, the timer stays armed
+            waiting = asyncio.ensure_future(doorbell.wait(0.3))
+            await asyncio.sleep(0.05)
+            line.data_received(b"!")
+            await asyncio.wait_for(waiting, 5)
+        started = loop.time()
+        await doorbell.wait(0.3)  # began ~0.15 s after the timer was armed
+        assert loop.time() - started >= 0.3
+        waiting = asyncio.ensure_future(doorbell.wait(30))  # arms a timer 30 s out
+        await asyncio.sleep(0)
+        line.data_received(b"!")
+        await asyncio.wait_for(waiting, 5)
+        started = loop.time()
+        await asyncio.wait_for(doorbell.wait(0.05), 5)  # not kept for the 30 s timer
+        assert loop.time() - started >= 0.05
+        doorbell.close()
+        await asyncio.wait_for(doorbell.wait(60), 5)  # closed: returns at once
+    asyncio.run(go())

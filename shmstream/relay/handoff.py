@@ -116,6 +116,11 @@ class _Line(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._box: BellBox | None = None  # where this stream's rings come, by number
         self.bell_number = 0
+        # wait()'s timeout without a timer per wait (arming and cancelling one cost ~2 µs
+        # of every event): one timer, moved on lazily when it fires before the deadline.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -164,13 +169,33 @@ class _Line(asyncio.Protocol):
         """Until the next bytes, the end of the connection, or ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, self._wake)
+        if timeout is None:
+            self._deadline = None
+        else:
+            self._deadline = deadline = loop.time() + timeout
+            if self._timer is None or self._timer_at > deadline:
+                self._arm(loop, deadline)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if self._waiter is None or deadline is None or self.closed:
+            return  # no timed wait now: the next one arms a timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            self._wake()
+        else:
+            self._arm(loop, deadline)  # this wait began after the timer was armed
 
     def send(self, message: dict) -> None:
         """Queue one frame (the transport buffers it; the relay reads it at once)."""
@@ -198,6 +223,9 @@ class _Line(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         self._leave_box()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.close()
         self._wake()
