@@ -20,7 +20,8 @@ import resource
 import uvloop
 
 EVENT = b'data: {"choices":[{"delta":{"content":" tok"}}]}\n\n'
-CLIENTS = ("httpx:asyncio", "httpx:uvloop", "aiohttp:asyncio", "aiohttp:uvloop")
+CLIENTS = ("httpx:asyncio", "httpx:uvloop", "aiohttp:asyncio", "aiohttp:uvloop",
+           "httptools:uvloop")
 
 
 def _cpu() -> float:
@@ -41,7 +42,41 @@ def _client(kind: str, loop_kind: str, port: int, streams: int, results) -> None
                     count += 1
         return count
 
+    async def one_raw(_client, url: str) -> int:
+        import httptools
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        class Reader(asyncio.Protocol):
+            count = 0
+
+            def connection_made(self, transport):
+                self.parser = httptools.HttpResponseParser(self)
+                transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                b"Content-Length: 2\r\n\r\n{}")
+
+            def data_received(self, data):
+                self.parser.feed_data(data)
+
+            def on_body(self, body):
+                self.count += 1
+
+            def on_message_complete(self):
+                done.set_result(self.count)
+
+        transport, _ = await loop.create_connection(Reader, "127.0.0.1", port)
+        try:
+            return await done
+        finally:
+            transport.close()
+
     async def run() -> None:
+        if kind == "httptools":
+            started = _cpu()
+            counts = await asyncio.gather(*(one_raw(None, "") for _ in range(streams)))
+            results.put((sum(counts), _cpu() - started))
+            return
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         if kind == "httpx":
             import httpx

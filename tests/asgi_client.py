@@ -218,12 +218,12 @@ class InProcessService:
 
     def __init__(self, store, settings, upstream, relay_upstream=None):
         from shmstream.http.app import create_app
-        from shmstream.relay.aioclient import AiohttpUpstream
         from shmstream.relay.client import HttpAsyncUpstream
+        from shmstream.relay.h1client import H1Upstream
         from shmstream.relay.local import LocalRelay
 
         if relay_upstream is None:  # the relay's own client, as a relay process has
-            relay_upstream = (AiohttpUpstream(upstream.base_url)
+            relay_upstream = (H1Upstream(upstream.base_url)
                               if isinstance(upstream, HttpAsyncUpstream) else upstream)
         self.store = store
         self.settings = settings

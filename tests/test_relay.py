@@ -1,5 +1,5 @@
 """The relay's event loop (LocalRelay: the real hand-off protocol over a unix socket, with
-the relays' aiohttp client) against the scripted SSE upstream in a thread (real sockets):
+the relays' httptools client) against the scripted SSE upstream in a thread (real sockets):
 verbatim relaying, pings, the doorbell to the starting request, cancels, error mapping, a
 caller that leaves, shutdown, and issue 16's no-ping-after-the-end race."""
 
@@ -15,8 +15,8 @@ import pytest
 from polling import wait_for
 from sse_upstream import InThreadUpstream, expected_body
 
-from shmstream.relay.aioclient import AiohttpUpstream
 from shmstream.relay.client import AsyncUpstream, AsyncUpstreamRequest, AsyncUpstreamResponse
+from shmstream.relay.h1client import H1Upstream
 from shmstream.relay.handoff import RelayClient, RelayRequest, RelayUnavailable
 from shmstream.relay.local import LocalRelay
 from shmstream.relay.producer import _TERMINAL, Producer
@@ -44,7 +44,7 @@ def store(namespace):
 
 @pytest.fixture
 def relay(store, upstream_server):
-    with LocalRelay(store, AiohttpUpstream(upstream_server.url), PING_INTERVAL) as relay:
+    with LocalRelay(store, H1Upstream(upstream_server.url), PING_INTERVAL) as relay:
         yield relay
 
 
@@ -270,7 +270,7 @@ def test_mid_stream_break_appends_an_error_and_fails(relay, store):
 
 
 def test_unreachable_upstream_gives_502_and_a_failed_session(store):
-    with LocalRelay(store, AiohttpUpstream("http://127.0.0.1:9"), PING_INTERVAL) as relay:
+    with LocalRelay(store, H1Upstream("http://127.0.0.1:9"), PING_INTERVAL) as relay:
         _, answer = submit_and_answer(relay.client(), completion("c8", {"tag": "u"}))
     assert answer.status == 502
     assert json.loads(answer.body)["error"]["type"] == "server_error"
@@ -291,7 +291,7 @@ def test_the_caller_leaving_does_not_stop_the_generation(relay, store, upstream_
 
 
 def test_stopping_the_relay_aborts_running_sessions(store, upstream_server):
-    relay = LocalRelay(store, AiohttpUpstream(upstream_server.url), PING_INTERVAL).start()
+    relay = LocalRelay(store, H1Upstream(upstream_server.url), PING_INTERVAL).start()
     try:
         submit_and_answer(relay.client(), completion("c10", {"tag": "ab", "events": 5,
                                                              "stall_at": 1, "stall": 30}))
@@ -303,7 +303,7 @@ def test_stopping_the_relay_aborts_running_sessions(store, upstream_server):
 
 def test_store_refusal_reaches_the_caller(namespace, upstream_server):
     store = ShmStore(namespace, capacity=64 * 1024, max_sessions=1)
-    with LocalRelay(store, AiohttpUpstream(upstream_server.url), PING_INTERVAL) as relay:
+    with LocalRelay(store, H1Upstream(upstream_server.url), PING_INTERVAL) as relay:
         submit_and_answer(relay.client(), completion("q1", {"tag": "q1", "events": 1}))
         with pytest.raises(StoreUnavailable):
             submit_and_answer(relay.client(), completion("q2", {"tag": "q2", "events": 1}))

@@ -1,6 +1,6 @@
-"""The upstream clients (HttpAsyncUpstream: httpx, the HTTP workers' proxy; AiohttpUpstream:
-aiohttp, the relays') against a real scripted SSE server in a thread (real sockets), the
-async demo upstream, and the shared error and header helpers."""
+"""The upstream clients (HttpAsyncUpstream: httpx, the HTTP workers' proxy; H1Upstream:
+httptools in a protocol, the relays') against a real scripted SSE server in a thread (real
+sockets), the async demo upstream, and the shared error and header helpers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from polling import wait_for
 from sse_upstream import InThreadUpstream, expected_body
 
-from shmstream.relay.aioclient import AiohttpUpstream, make_relay_upstream
 from shmstream.relay.client import AsyncUpstreamRequest, HttpAsyncUpstream, make_async_upstream
 from shmstream.relay.demo import DEMO_MODEL, AsyncDemoUpstream
+from shmstream.relay.h1client import H1Upstream, make_relay_upstream
 from shmstream.relay.producer import upstream_error
 from shmstream.relay.upstream import (
     UpstreamError,
@@ -32,7 +32,7 @@ def upstream_server():
     server.stop()
 
 
-@pytest.fixture(params=[HttpAsyncUpstream, AiohttpUpstream], ids=["httpx", "aiohttp"])
+@pytest.fixture(params=[HttpAsyncUpstream, H1Upstream], ids=["httpx", "h1"])
 def client_class(request):
     return request.param
 
@@ -170,11 +170,11 @@ def test_make_async_upstream_picks_the_demo_without_a_url():
     assert isinstance(make_async_upstream(None), AsyncDemoUpstream)
     assert isinstance(make_async_upstream("http://x:1"), HttpAsyncUpstream)
     assert isinstance(make_relay_upstream(None), AsyncDemoUpstream)
-    assert isinstance(make_relay_upstream("http://x:1"), AiohttpUpstream)
+    assert isinstance(make_relay_upstream("http://x:1"), H1Upstream)
 
 
 def test_the_relay_client_sends_the_request_as_forwarded(upstream_server):
-    """aiohttp adds no Content-Type or Accept-Encoding of its own (the relay asks for the
+    """The relay client adds no Content-Type or Accept-Encoding of its own (the relay asks for the
     bytes as they are), sends the target still percent-encoded, and one Content-Length
     that fits the body whatever the forwarded headers said."""
     body = json.dumps({"stream": True, "script": {"tag": "fwd", "events": 2}}).encode()
@@ -183,7 +183,7 @@ def test_the_relay_client_sends_the_request_as_forwarded(upstream_server):
                                     ("x-one", "1"), ("x-one", "2")], body)
 
     async def go():
-        upstream = AiohttpUpstream(upstream_server.url)
+        upstream = H1Upstream(upstream_server.url)
         try:
             return await _collect(upstream, request)
         finally:
@@ -219,7 +219,7 @@ def test_response_headers_filtering():
 
 def test_the_relay_client_keeps_the_target_percent_encoded(upstream_server):
     async def go():
-        upstream = AiohttpUpstream(upstream_server.url)
+        upstream = H1Upstream(upstream_server.url)
         try:
             return await _collect(upstream, AsyncUpstreamRequest(
                 "GET", "/v1/echo/a%2Fb?q=x%20y&q=z", [], b""))

@@ -56,6 +56,18 @@ class AsyncUpstreamResponse(abc.ABC):
         """The body as sent (content-encoding kept). Raises UpstreamError."""
         return self.aiter_bytes()
 
+    async def pump(self, on_chunk: Callable[[bytes], bool], on_end: Callable[[], None]
+                   ) -> None:
+        """Push the decoded body into ``on_chunk`` until it returns False (the rest is not
+        read) or the body ends; ``on_end()`` runs in the same step as the body's end, so
+        nothing else on the loop runs between the last byte and it. Raises UpstreamError,
+        or what ``on_chunk`` raised. This default iterates :meth:`aiter_bytes`; a client
+        whose protocol parses the body can call ``on_chunk`` as the bytes arrive."""
+        async for chunk in self.aiter_bytes():
+            if not on_chunk(chunk):
+                return
+        on_end()
+
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the decoded body (the rest is dropped)."""
         parts, size = [], 0

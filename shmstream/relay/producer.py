@@ -161,6 +161,9 @@ class Producer:
         self._bytes += len(data)
         return appended
 
+    def _body_ended(self) -> None:
+        self.ended = True  # in the body's last step: no ping after the upstream's last byte
+
     def _append_error(self, error: dict) -> None:
         prefix = b"" if _at_boundary(self._tail) else b"\n\n"  # end a torn event first
         self.append(prefix + error_event(error))
@@ -204,10 +207,10 @@ class Producer:
             self._set_answer(RelayAnswer(response.status,
                                          response_headers(response.headers, reframed=True),
                                          None))
-            async for chunk in response.aiter_bytes():
-                if not self.append(chunk):
-                    break  # finalized by someone else (cancelled, replaced, shut down)
-            self.ended = True  # same step as the loop's end: no await in between
+            # Each chunk goes into the session as it arrives; append's False (finalized by
+            # someone else: cancelled, replaced, shut down) stops the pump.
+            await response.pump(self.append, self._body_ended)
+            self.ended = True
             state = State.DONE
         except UpstreamError as exc:
             if not self._stopped():

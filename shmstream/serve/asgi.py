@@ -49,7 +49,7 @@ def build():
 
         log.warning("pid %d: %s is not set: relaying completions inside this worker",
                     os.getpid(), SOCKET_ENV)
-        from shmstream.relay.aioclient import make_relay_upstream
+        from shmstream.relay.h1client import make_relay_upstream
 
         relay_upstream = make_relay_upstream(settings.upstream,
                                              settings.demo_tokens_per_second)

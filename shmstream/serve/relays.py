@@ -344,7 +344,7 @@ def main() -> int:
     """A relay process: the inherited socket, the configured store and upstream."""
     from shmstream import metrics
     from shmstream.backends import open_store
-    from shmstream.relay.aioclient import make_relay_upstream
+    from shmstream.relay.h1client import make_relay_upstream
     from shmstream.relay.process import RelayProcess
 
     configure_process_logging()
