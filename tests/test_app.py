@@ -422,6 +422,22 @@ def test_a_reader_attached_during_prompt_processing_gets_200_and_pings(harness):
     assert caller.replace(PING, b"") == expected_body("pp", 2)
 
 
+def test_a_caller_that_leaves_during_prompt_processing_is_let_go_and_the_answer_goes_on(harness):
+    # The wait for the upstream's answer ends the moment the client leaves (PROTOCOL.md
+    # rule 4: leaving never cancels), and the session gets the whole answer.
+    call = harness.client.open("POST", "/v1/chat/completions",
+                               {"X-Conversation-Id": "leaver"},
+                               json=chat({"tag": "leaver", "events": 3, "stall_before": 30}))
+    assert wait_for(lambda: harness.store.get("leaver"))
+    assert not call.finished.wait(0.2)  # waiting for the upstream's answer
+    call.disconnect()
+    assert call.finished.wait(5), "the request outlived its client"
+    assert call.error is None
+    session = harness.store.get("leaver")
+    with session:
+        assert session.info().state is State.RUNNING  # the generation goes on
+
+
 def test_upstream_error_reaches_the_caller_unchanged_and_the_session(harness):
     error = {"error": {"code": 400, "message": "too long", "type": "exceed_context_size_error"}}
     result = harness.client.simulate_post(

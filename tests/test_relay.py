@@ -245,6 +245,7 @@ def test_replacing_cancels_the_first_generation(relay, store, upstream_server):
     session = store.get("c5")
     with session:
         assert second.owns(session.info()) and not first.owns(session.info())
+        assert second.owns(session) and not first.owns(session)  # by its metadata alone
 
 
 def test_error_status_goes_to_the_caller_unchanged_and_the_session_fails(relay, store):

@@ -676,3 +676,19 @@ def test_asyncio_readers_get_every_byte_and_end(store):
     assert asyncio.run(read(late, 11)) == expected[11:]  # after the end: the rest, then ends
     for session in (producer, late, *readers):
         session.close()
+
+
+def test_a_handles_metadata_is_its_own_sessions_also_after_a_replace(store_factory):
+    """``Session.metadata()`` (what a relay ticket checks ownership by) is the record the
+    session was created with, read from the store, and a handle on a replaced session
+    keeps its own: it never reports the newer session's."""
+    store, other = store_factory(), store_factory()
+    first = store.create_or_replace("meta", {"relay_token": "one"})
+    reader = other.get("meta")
+    assert reader.metadata() == reader.info().metadata == {"id": "meta", "relay_token": "one"}
+    second = store.create_or_replace("meta", {"relay_token": "two"})
+    assert reader.metadata()["relay_token"] == "one"
+    newer = other.get("meta")
+    assert newer.metadata()["relay_token"] == "two"
+    for handle in (first, reader, second, newer):
+        handle.close()

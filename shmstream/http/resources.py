@@ -213,7 +213,7 @@ class ProxyResource:
         if session is None:
             return None
         try:
-            owned = ticket.owns(session.info())
+            owned = ticket.owns(session)
         except BaseException:
             session.close()
             raise
@@ -228,20 +228,23 @@ class ProxyResource:
         on: closing the ticket never cancels it). The caller closes the ticket."""
         if link is None:
             return await ticket.answer()
-        loop = asyncio.get_running_loop()
-        answer = loop.create_task(ticket.answer())
-        gone = loop.create_task(link.gone())
+        # The client's leaving cancels this very wait (no task of its own per request).
+        task = asyncio.current_task()
+        left = False
+
+        def client_left() -> None:
+            nonlocal left
+            left = True
+            task.cancel()
+        forget = link.on_gone(client_left)
         try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            return await ticket.answer()
+        except asyncio.CancelledError:
+            if left and task.uncancel() == 0:
+                return None  # ours: the client left
+            raise
         finally:
-            gone.cancel()
-            if not answer.done():
-                answer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await gone
-        if answer.cancelled():
-            return None
-        return answer.result()
+            forget()
 
 
 __all__ = ["COMPLETION_ROUTES", "STREAM_PREFIX", "LookupResource", "ProxyResource",

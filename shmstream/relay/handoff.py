@@ -5,7 +5,7 @@ An HTTP worker that accepts a streamed completion does not talk to the upstream 
     ticket = await client.submit(RelayRequest(...))   # the relay created the session
     answer = await ticket.answer()                    # the upstream's status line is in
     session = store.get(conversation_id)              # then read it as any reader does
-    if session is None or not ticket.owns(session.info()): ...  # replaced meanwhile
+    if session is None or not ticket.owns(session): ...  # replaced meanwhile
 
 - :meth:`RelayClient.submit` returns once a relay process has created (or replaced) the
   session, so the session exists from the request's arrival and its producer identity is
@@ -41,7 +41,7 @@ from shmstream.relay import wire
 from shmstream.relay.bells import BellBox, bell_box
 from shmstream.store import errors
 from shmstream.store.errors import ShmstreamError
-from shmstream.store.interface import SessionInfo
+from shmstream.store.interface import Session, SessionInfo
 
 SOCKET_ENV = "SHMSTREAM_RELAY_SOCKET"  # set by the gunicorn master for its HTTP workers
 TOKEN_KEY = "relay_token"  # in the session's metadata: which request created it
@@ -270,10 +270,13 @@ class RelayTicket:
         self._line: _Line | None = line
         self._answer: RelayAnswer | None = None
 
-    def owns(self, info: SessionInfo) -> bool:
-        """Whether ``info`` is the session this request created (not a later replacement)."""
-        return info.conversation_id == self.conversation_id and \
-            info.metadata.get(TOKEN_KEY) == self.token
+    def owns(self, session: Session | SessionInfo) -> bool:
+        """Whether ``session`` (a handle, or its info) is the one this request created, not
+        a later replacement. A handle is checked by its metadata alone (cheaper than
+        ``info()``, which also checks the producer's liveness)."""
+        metadata = session.metadata() if isinstance(session, Session) else session.metadata
+        return session.conversation_id == self.conversation_id and \
+            metadata.get(TOKEN_KEY) == self.token
 
     async def answer(self) -> RelayAnswer:
         """The upstream's answer (waits through prompt processing).

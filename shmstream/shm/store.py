@@ -236,6 +236,10 @@ class ShmSession(Session):
         )
         return info, held
 
+    def metadata(self) -> dict:
+        # Written before the segment was marked ready and never again: no lock needed.
+        return self.segment.header.metadata()
+
     def reopen(self) -> ShmSession:
         # The mapping stays valid after the name is unlinked (replace, evict): share it.
         return ShmSession(self.segment.retain(), self.conversation_id, self._may_grow)

@@ -133,6 +133,12 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def info(self) -> SessionInfo: ...
 
+    def metadata(self) -> dict:
+        """The metadata the session was created with (it never changes): what tells one
+        session from a later one with the same id. This default reads :meth:`info`; a
+        backend that can read it alone (no liveness check, no counters) overrides it."""
+        return self.info().metadata
+
     def read_held(self, limit: int | None = None) -> tuple[SessionInfo, bytes]:
         """One :meth:`info` and the held bytes from its ``dropped_bytes`` on (at most
         ``limit``, never past its ``total_bytes``), consistent with each other: what a
