@@ -144,6 +144,37 @@ def test_the_pump_pushes_each_chunk_and_the_end_from_the_protocol_step_that_pars
     assert idle == 1  # read to its end: pooled
 
 
+def test_a_burst_of_events_in_one_read_is_pushed_as_one_chunk():
+    # An upstream that writes many HTTP chunks at once (a burst of tokens) costs one
+    # append, one ring and one poll per reader, not one per event.
+    async def go():
+        body_now = asyncio.Event()
+
+        async def serve(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            await body_now.wait()
+            writer.write(_chunked(EVENTS))  # every event, in one write
+            await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = H1Upstream(f"http://127.0.0.1:{port}")
+        response = await upstream.open(_request())
+        seen = []
+        pumping = asyncio.ensure_future(response.pump(lambda c: seen.append(c) or True,
+                                                      lambda: seen.append(b"<end>")))
+        await asyncio.sleep(0.05)
+        body_now.set()
+        await asyncio.wait_for(pumping, 5)
+        await response.aclose()
+        await upstream.aclose()
+        server.close()
+        return seen
+    assert asyncio.run(go()) == [BODY, b"<end>"]
+
+
 def test_a_pump_stopped_by_its_consumer_returns_and_the_connection_is_not_pooled():
     reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + _chunked(EVENTS)
 

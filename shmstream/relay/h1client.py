@@ -98,6 +98,7 @@ class _Connection(asyncio.Protocol):
         self._framed_by_close = False
         self._decoder = None
         self._buffer: list[bytes] = []  # body bytes that came while nothing consumed them
+        self._pending: list[bytes] = []  # the body parsed from the bytes being fed
         self._waiter: asyncio.Future | None = None
         self._sink: Callable[[bytes], bool] | None = None
         self._on_end: Callable[[], None] | None = None
@@ -119,13 +120,17 @@ class _Connection(asyncio.Protocol):
             if self._head_bytes > MAX_HEAD:
                 self._fail(UpstreamError(f"upstream sent over {MAX_HEAD} bytes of headers"))
                 return
+        error = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("upstream switched protocols"))
+            error = UpstreamError("upstream switched protocols")
         except httptools.HttpParserError as exc:
             if self.error is None:  # else a callback failed and said why
-                self._fail(UpstreamError(f"upstream sent an invalid answer: {exc}"))
+                error = UpstreamError(f"upstream sent an invalid answer: {exc}")
+        self._flush()  # what came before a parse error is the upstream's too
+        if error is not None:
+            self._fail(error)
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost says what it meant
@@ -190,7 +195,10 @@ class _Connection(asyncio.Protocol):
                 return
             if not body:
                 return
-        self._deliver(body)
+        # One delivery per read, not per HTTP chunk: an upstream bursting many events
+        # into one read becomes one append (one ring, one poll per reader), as a reading
+        # task would have taken them.
+        self._pending.append(body)
 
     def on_message_complete(self) -> None:
         if not self.head_done.done() and self.error is None:
@@ -202,6 +210,12 @@ class _Connection(asyncio.Protocol):
         self._finish_body()
 
     # --- the body's way out -------------------------------------------------------------
+    def _flush(self) -> None:
+        pending = self._pending
+        if pending:
+            self._pending = []
+            self._deliver(pending[0] if len(pending) == 1 else b"".join(pending))
+
     def _deliver(self, body: bytes) -> None:
         sink = self._sink
         if sink is None:
@@ -219,6 +233,7 @@ class _Connection(asyncio.Protocol):
             self._wake()
 
     def _finish_body(self) -> None:
+        self._flush()
         if self._decoder is not None:
             tail, self._decoder = self._decoder.flush(), None
             if tail:
