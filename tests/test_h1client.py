@@ -227,6 +227,38 @@ def test_a_connection_read_to_its_end_is_reused_and_a_stale_one_is_retried():
     assert reused and peers == 2
 
 
+def test_the_pool_lets_go_of_what_the_server_closed_and_of_what_idled_too_long():
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async def until(condition):
+        for _ in range(500):
+            if condition():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def go():
+        server = Scripted([ok, ok])
+        port = await server.start()
+        closing = H1Upstream(f"http://127.0.0.1:{port}")
+        idling = H1Upstream(f"http://127.0.0.1:{port}", keepalive=0.2)
+        try:
+            await _read_all(closing)
+            await _read_all(idling)
+            pooled = (closing.idle_connections, idling.idle_connections)
+            server.writers[0].close()  # the server ends the first client's connection
+            left = await until(lambda: not closing._idle)
+            expired = await until(lambda: not idling._idle)  # its 0.2 s keep-alive
+            # the server saw the expired one closed by the client
+            return pooled, left, expired, await until(server.writers[1].is_closing)
+        finally:
+            await closing.aclose()
+            await idling.aclose()
+            server.close()
+    pooled, left, expired, closed = asyncio.run(go())
+    assert pooled == (1, 1) and left and expired and closed
+
+
 def test_a_pooled_connection_the_server_drops_as_the_request_goes_out_is_retried_once():
     # The server closes the kept-alive connection on reading the next request, before any
     # byte of an answer (its keep-alive ran out just then): the client sends it again on a

@@ -80,6 +80,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.expiry: asyncio.TimerHandle | None = None  # while idle in the pool
+        self.pool: dict[_Connection, None] | None = None  # the pool it idles in
         self._start()
 
     def _start(self) -> None:
@@ -137,9 +138,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
+        self._leave_pool()
         if self.complete or self.error is not None:
             return
         if not self.head_done.done():
@@ -269,11 +268,17 @@ class _Connection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    def close(self) -> None:
-        self.closed = True
+    def _leave_pool(self) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
+        if self.pool is not None:
+            self.pool.pop(self, None)
+            self.pool = None
+
+    def close(self) -> None:
+        self.closed = True
+        self._leave_pool()
         if self.transport is not None:
             self.transport.close()
 
@@ -363,7 +368,9 @@ class H1Upstream(AsyncUpstream):
             self._basic = "Basic " + base64.b64encode(userinfo.encode()).decode()
         # loading the CA store takes ~100 ms: once
         self._ssl = (ssl_context or _ssl_context()) if secure else None
-        self._idle: list[_Connection] = []
+        # Idle connections, oldest first (a dict: a connection the server closes leaves it
+        # at once, wherever it sits).
+        self._idle: dict[_Connection, None] = {}
 
     def _head(self, request: AsyncUpstreamRequest) -> bytes:
         if _UNSAFE.search(request.method + request.target):
@@ -430,25 +437,18 @@ class H1Upstream(AsyncUpstream):
 
     def _take_idle(self) -> _Connection | None:
         while self._idle:
-            connection = self._idle.pop()  # the most recent: the least likely closed
-            if connection.expiry is not None:
-                connection.expiry.cancel()
-                connection.expiry = None
+            connection, _ = self._idle.popitem()  # the most recent: the least likely closed
+            connection.pool = None
+            connection._leave_pool()
             if not connection.closed:
                 connection._start()
                 return connection
         return None
 
     def _release(self, connection: _Connection) -> None:
-        self._idle.append(connection)
-        connection.expiry = connection.loop.call_later(self.keepalive, self._expire,
-                                                       connection)
-
-    def _expire(self, connection: _Connection) -> None:
-        connection.expiry = None
-        with contextlib.suppress(ValueError):
-            self._idle.remove(connection)
-        connection.close()
+        self._idle[connection] = None
+        connection.pool = self._idle
+        connection.expiry = connection.loop.call_later(self.keepalive, connection.close)
 
     @property
     def idle_connections(self) -> int:
@@ -456,7 +456,7 @@ class H1Upstream(AsyncUpstream):
         return sum(1 for connection in self._idle if not connection.closed)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
+        idle, self._idle = list(self._idle), {}
         for connection in idle:
             connection.close()
 
