@@ -110,10 +110,16 @@ class ClientBoundStream:
     (Falcon calls it after the last chunk) stops the watcher and runs ``on_close``."""
 
     def __init__(self, chunks: AsyncIterator[bytes], link: ClientLink | None,
-                 on_close: Callable[[], Awaitable[None] | None] | None = None):
+                 on_close: Callable[[], Awaitable[None] | None] | None = None,
+                 ends_quietly: tuple[type[BaseException], ...] = (),
+                 on_quiet_end: Callable[[BaseException], None] | None = None):
         self._chunks = chunks
+        self._next = chunks.__anext__
         self._link = link
         self._on_close = on_close
+        # errors of ``chunks`` that end the body as if it ended (``on_quiet_end`` hears why)
+        self._ends_quietly = ends_quietly
+        self._on_quiet_end = on_quiet_end
         self._task: asyncio.Task | None = None
         self._forget_link: Callable[[], None] | None = None
         self._waiting = False
@@ -132,13 +138,17 @@ class ClientBoundStream:
             self._forget_link = link.on_gone(self._client_left)
         self._waiting = True
         try:
-            return await self._chunks.__anext__()
+            return await self._next()
         except asyncio.CancelledError:
             # Ours (the client left): end the body. Anyone else's: let it through.
             if self._cancelled_by_us and self._task is not None and \
                     self._task.uncancel() == 0:
                 raise StopAsyncIteration from None
             raise
+        except self._ends_quietly as exc:
+            if self._on_quiet_end is not None:
+                self._on_quiet_end(exc)
+            raise StopAsyncIteration from None
         finally:
             self._waiting = False
 
@@ -164,19 +174,9 @@ class ClientBoundStream:
                 await result
 
 
-async def session_chunks(session: Session, offset: int, wake_interval: float,
-                         doorbell: ProducerDoorbell | None = None) -> AsyncIterator[bytes]:
-    """The session from ``offset``, live; ends quietly when the reader is lapped (the
-    client re-attaches and gets the ``offset lost`` answer) or the store goes away (the
-    store logged that once for the process; a re-attach gets 503 until it is back)."""
-    try:
-        async for chunk in session.aread(offset, wake_interval=wake_interval,
-                                         doorbell=doorbell):
-            yield chunk
-    except OffsetLost:
+def _ended_quietly(exc: BaseException) -> None:
+    if isinstance(exc, OffsetLost):
         metrics.offset_lost("lapped")
-    except StoreUnavailable:
-        pass
 
 
 def session_body(session: Session, offset: int, link: ClientLink | None,
@@ -184,7 +184,9 @@ def session_body(session: Session, offset: int, link: ClientLink | None,
                  ) -> ClientBoundStream:
     """A response body reading ``session`` live from ``offset``, woken by ``doorbell``
     (the request's line to the producer) while it works; it closes the handle and the
-    doorbell."""
+    doorbell. It ends quietly when the reader is lapped (the client re-attaches and gets
+    the ``offset lost`` answer) or the store goes away (the store logged that once for
+    the process; a re-attach gets 503 until it is back)."""
     metrics.reader_attached()
 
     def release() -> None:
@@ -193,5 +195,6 @@ def session_body(session: Session, offset: int, link: ClientLink | None,
             doorbell.close()
         session.close()
 
-    return ClientBoundStream(session_chunks(session, offset, wake_interval, doorbell), link,
-                             release)
+    return ClientBoundStream(
+        session.aread(offset, wake_interval=wake_interval, doorbell=doorbell), link, release,
+        ends_quietly=(OffsetLost, StoreUnavailable), on_quiet_end=_ended_quietly)

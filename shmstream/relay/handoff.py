@@ -114,6 +114,8 @@ class _Line(asyncio.Protocol):
         self._frames = bytearray()  # before the answer: bytes of frames to come
         self._ringing = False
         self._waiter: asyncio.Future | None = None
+        # Python 3.11's get_running_loop() makes a getpid() syscall: once, not per wait.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._box: BellBox | None = None  # where this stream's rings come, by number
         self.bell_number = 0
         # wait()'s timeout without a timer per wait (arming and cancelling one cost ~2 µs
@@ -124,6 +126,7 @@ class _Line(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self._ringing:
@@ -167,7 +170,7 @@ class _Line(asyncio.Protocol):
 
     async def wait(self, timeout: float | None = None) -> None:
         """Until the next bytes, the end of the connection, or ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         if timeout is None:
             self._deadline = None
@@ -191,7 +194,7 @@ class _Line(asyncio.Protocol):
         deadline = self._deadline
         if self._waiter is None or deadline is None or self.closed:
             return  # no timed wait now: the next one arms a timer again
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         if loop.time() >= deadline:
             self._wake()
         else:

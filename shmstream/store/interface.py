@@ -194,9 +194,9 @@ class Session(abc.ABC):
             else:
                 self._sleep(wake_interval)
 
-    async def aread(self, offset: int = 0, wake_interval: float = WAKE_INTERVAL,
-                    limit: int | None = None, doorbell: ProducerDoorbell | None = None
-                    ) -> AsyncIterator[bytes]:
+    def aread(self, offset: int = 0, wake_interval: float = WAKE_INTERVAL,
+              limit: int | None = None, doorbell: ProducerDoorbell | None = None
+              ) -> AsyncIterator[bytes]:
         """The event-loop twin of :meth:`read`: yields the session's bytes from ``offset``
         on, live, until it ends, and never blocks the loop. A reader whose client left is
         ended by cancelling the task that iterates. Raises
@@ -204,26 +204,7 @@ class Session(abc.ABC):
 
         With a ``doorbell`` (the request that started the answer has one to its producer)
         the reader waits on it while it works, and on the store's wake-up after that."""
-        # A backend that polls inline is called directly: no coroutine per event.
-        inline = type(self)._apoll is Session._apoll
-        while True:
-            if inline:
-                chunk, finished = self._poll(offset, limit)
-            else:
-                chunk, finished = await self._apoll(offset, limit)
-            if chunk:
-                offset += len(chunk)
-                yield chunk
-                if not finished and doorbell is not None and doorbell.alive:
-                    # Every change since that poll has rung (or left a ring unread): wait
-                    # for one before polling again, which saves the poll that finds nothing.
-                    await doorbell.wait(wake_interval)
-            elif finished:
-                return
-            elif doorbell is not None and doorbell.alive:
-                await doorbell.wait(wake_interval)
-            else:
-                await self._await_change(wake_interval)
+        return SessionReader(self, offset, wake_interval, limit, doorbell)
 
     async def _apoll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
         """:meth:`_poll` for an event loop. This default polls inline, which suits a
@@ -245,6 +226,53 @@ class Session(abc.ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class SessionReader:
+    """:meth:`Session.aread`'s iterator. A class, not an async generator: every event of
+    every HTTP reader takes one step of it, and an async generator costs an ``asend``
+    object and one more frame in the await chain per step."""
+
+    __slots__ = ("_after_data", "_doorbell", "_inline", "_limit", "_offset", "_session",
+                 "_wake_interval")
+
+    def __init__(self, session: Session, offset: int, wake_interval: float,
+                 limit: int | None, doorbell: ProducerDoorbell | None):
+        self._session = session
+        self._offset = offset
+        self._wake_interval = wake_interval
+        self._limit = limit
+        self._doorbell = doorbell
+        # A backend that polls inline is called directly: no coroutine per event.
+        self._inline = type(session)._apoll is Session._apoll
+        self._after_data = False  # the last step returned bytes of a running session
+
+    def __aiter__(self) -> SessionReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        session, doorbell = self._session, self._doorbell
+        if self._after_data:
+            self._after_data = False
+            if doorbell is not None and doorbell.alive:
+                # Every change since that poll has rung (or left a ring unread): wait for
+                # one before polling again, which saves the poll that finds nothing.
+                await doorbell.wait(self._wake_interval)
+        while True:
+            if self._inline:
+                chunk, finished = session._poll(self._offset, self._limit)
+            else:
+                chunk, finished = await session._apoll(self._offset, self._limit)
+            if chunk:
+                self._offset += len(chunk)
+                self._after_data = not finished
+                return chunk
+            if finished:
+                raise StopAsyncIteration
+            if doorbell is not None and doorbell.alive:
+                await doorbell.wait(self._wake_interval)
+            else:
+                await session._await_change(self._wake_interval)
 
 
 class SessionStore(abc.ABC):
