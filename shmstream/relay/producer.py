@@ -61,9 +61,9 @@ def _at_boundary(tail: bytes) -> bool:
     return not tail or tail.endswith((b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n"))
 
 
-def _ring(writer: asyncio.StreamWriter) -> None:
+def _ring(transport: asyncio.Transport) -> None:
     with contextlib.suppress(Exception):  # a reader that hung up: nothing to ring
-        writer.write(b"!")
+        transport.write(b"!")
 
 
 def upstream_error(status: int, reason: str, body: bytes) -> dict:
@@ -116,7 +116,7 @@ class Producer:
         self._bytes = 0
         self._bytes_reported = 0
         # readers rung on every change: their hand-off connection, and its bell (or None)
-        self._doorbells: dict[asyncio.StreamWriter, tuple[BellRinger, bytes, int] | None] = {}
+        self._doorbells: dict[asyncio.Transport, tuple[BellRinger, bytes, int] | None] = {}
 
     # --- the pump ---------------------------------------------------------------------
     def start(self) -> asyncio.Task:
@@ -264,62 +264,66 @@ class Producer:
             metrics.session_ended(self.final_state.label)
 
     # --- the readers' doorbells (the worker side is relay/handoff.py's RelayDoorbell) -------
-    def add_doorbell(self, writer: asyncio.StreamWriter,
+    def add_doorbell(self, transport: asyncio.Transport,
                      bell: tuple[BellRinger, bytes, int] | None = None) -> bool:
-        """Ring the reader behind ``writer`` after every append from now on: through
-        ``bell`` (the relay's ringer, the worker's bell box address, the stream's number
-        there), else with one byte on ``writer``; at the end, close ``writer`` (after a
-        last byte). False if the session ended already (closed at once)."""
+        """Ring the reader behind ``transport`` (its hand-off connection) after every
+        append from now on: through ``bell`` (the relay's ringer, the worker's bell box
+        address, the stream's number there), else with one byte on the connection; at
+        the end, close it (after a last byte). False if the session ended already
+        (closed at once)."""
         if not self.open:
             if bell is None:
-                _ring(writer)
-            writer.close()
+                _ring(transport)
+            transport.close()
             return False
-        self._doorbells[writer] = bell
+        self._doorbells[transport] = bell
         return True
 
-    def remove_doorbell(self, writer: asyncio.StreamWriter) -> None:
-        self._doorbells.pop(writer, None)
+    def remove_doorbell(self, transport: asyncio.Transport) -> None:
+        self._doorbells.pop(transport, None)
 
     def _ring_doorbells(self) -> None:
-        for writer, bell in self._doorbells.items():
+        for transport, bell in self._doorbells.items():
             if bell is not None:
                 bell[0].ring(bell[1], bell[2])  # coalesced per worker per loop pass
             # A reader's unread rings still in the socket buffer already say "look again"
             # (all it does is poll the session): one byte more per append would only pile up.
-            elif not writer.transport.get_write_buffer_size():
-                _ring(writer)
+            elif not transport.get_write_buffer_size():
+                _ring(transport)
 
     def _ring_doorbells_for_the_end(self) -> None:
         doorbells, self._doorbells = self._doorbells, {}
-        for writer, bell in doorbells.items():
+        for transport, bell in doorbells.items():
             if bell is None:
-                _ring(writer)
+                _ring(transport)
             with contextlib.suppress(Exception):
-                writer.close()  # the reader polls once more, finds the end, stops
+                transport.close()  # the reader polls once more, finds the end, stops
 
     # --- the ticker's side --------------------------------------------------------------
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> int:
         """One ticker pass: cut the call if the session was cancelled anywhere; ping if
-        the upstream is open and silent, at an event boundary."""
-        if not self.open or self.stop_reason is not None:
-            return
-        # A producer that appended since the last pass needs no peek: an append to a
-        # finalized session fails, and that ends it; one gone silent is peeked at the next
-        # pass (a cancel lands within two passes). At 10 events/s per stream this saves
-        # half the peeks, which py-spy put at ~4% of a relay's CPU.
-        appended, self._appends_seen = self._appends != self._appends_seen, self._appends
-        if not appended and self.session.producer_should_stop:
-            self.stop("cancel")
-            log.info("session cancel-observed id=%s upstream call closed", self.log_id)
-            return
-        if not self.ended and now - self._last_append >= self.ping_interval:
-            if _at_boundary(self._tail):
-                if self.session.append(PING):
-                    self._ring_doorbells()
-                self._tail = PING
-                self._bytes += len(PING)
-            self._last_append = now
+        the upstream is open and silent, at an event boundary. Returns the bytes appended
+        since the last pass, for /metrics (the ticker adds them up over every producer
+        and counts them once: a multiprocess metric write costs microseconds)."""
+        if self.open and self.stop_reason is None:
+            # A producer that appended since the last pass needs no peek: an append to a
+            # finalized session fails, and that ends it; one gone silent is peeked at the
+            # next pass (a cancel lands within two passes). At 10 events/s per stream
+            # this saves half the peeks, which py-spy put at ~4% of a relay's CPU.
+            appended, self._appends_seen = self._appends != self._appends_seen, self._appends
+            if not appended and self.session.producer_should_stop:
+                self.stop("cancel")
+                log.info("session cancel-observed id=%s upstream call closed", self.log_id)
+            elif not self.ended and now - self._last_append >= self.ping_interval:
+                if _at_boundary(self._tail):
+                    if self.session.append(PING):
+                        self._ring_doorbells()
+                    self._tail = PING
+                    self._bytes += len(PING)
+                self._last_append = now
+        delta = self._bytes - self._bytes_reported
+        self._bytes_reported = self._bytes
+        return delta
 
     def stop(self, reason: str) -> None:
         """Cut the upstream call: ``"cancel"`` (the session was cancelled or replaced) or
@@ -335,9 +339,7 @@ class Producer:
             self.task.cancel()
 
     def unreported_bytes(self) -> int:
-        """The bytes appended since the last call, for /metrics: the ticker adds them up
-        over every producer and counts them once per tick (a multiprocess metric write
-        costs microseconds: never on every append)."""
+        """The bytes appended since the last call (or tick), for /metrics."""
         delta = self._bytes - self._bytes_reported
         self._bytes_reported = self._bytes
         return delta

@@ -6,11 +6,14 @@ serves the frames of :mod:`shmstream.relay.wire` on a listening unix socket:
 1. ``submit`` -> ``create_or_replace`` the session (its producer identity is this process),
    start a :class:`~shmstream.relay.producer.Producer` task, answer ``created`` with the
    token written into the session's metadata (or ``refused`` with the store's error);
-2. when the upstream's status line arrives, send ``answer`` and close the connection.
+2. when the upstream's status line arrives, send ``answer``; for a stream the connection
+   then is the reader's doorbell until the session ends (relay/handoff.py), any other
+   answer closes it.
 
-The connection is the caller's only: when it closes (caller gone, HTTP worker killed) the
-producer goes on. One ticker task per server makes cancellations land (a header peek per
-active session every ``TICK``) and pings silent streams.
+Each connection is a protocol object (:class:`_Handoff`), no task. The connection is the
+caller's only: when it closes (caller gone, HTTP worker killed) the producer goes on. One
+ticker task per server makes cancellations land (a header peek per active session every
+``TICK``) and pings silent streams.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 
 from shmstream import metrics
 from shmstream.relay import wire
@@ -48,7 +52,7 @@ class RelayServer:
         self.ping_interval = ping_interval
         self.tick = tick
         self.producers: set[Producer] = set()
-        self._handoffs: set[asyncio.Task] = set()  # hand-off connections being served
+        self._handoffs: set[_Handoff] = set()  # hand-off connections open
         self.accepting = False
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task | None = None
@@ -62,8 +66,8 @@ class RelayServer:
         relay processes: whichever accepts a connection serves it)."""
         # asyncio calls listen() again on the socket it is given (100 by default): keep
         # the master's backlog, or a burst of hand-offs beyond 100 fails to connect.
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock,
-                                                       backlog=BACKLOG)
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _Handoff(self), sock=sock, backlog=BACKLOG)
         self.accepting = True
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(),
                                                                name="relay-ticker")
@@ -76,34 +80,32 @@ class RelayServer:
             self._server.close()
 
     # --- one hand-off -------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._handoffs.add(task)
-        try:
-            message = await wire.read_frame(reader)
-            if message is None or message.get("op") != "submit":
-                return
-            answered = asyncio.get_running_loop().create_future()
-            reply, producer = self.submit(message, answered)
-            await wire.write_frame(writer, reply)
-            if producer is None:
-                return
-            answer: RelayAnswer = await answered
-            writer.write(wire.encode({"op": "answer", "status": answer.status,
-                                      "headers": [list(h) for h in answer.headers],
-                                      "body": answer.body}))
+    def _submitted(self, handoff: _Handoff, message: dict) -> None:
+        """A hand-off's submit frame: create the session, answer ``created`` (or
+        ``refused``), and when the upstream answers send ``answer`` and, for a stream,
+        ring the reader from then on."""
+        if message.get("op") != "submit":
+            handoff.close()
+            return
+        bell = self._bell_of(message)
+
+        def on_answer(answer: RelayAnswer) -> None:
+            if handoff.closed:
+                return  # the caller went away: the generation is not its to stop
+            handoff.send({"op": "answer", "status": answer.status,
+                          "headers": [list(h) for h in answer.headers], "body": answer.body})
             # A stream: ring from the answer on (in the same step as its frame, so every
             # append the reader's first poll may miss is rung, after the frame).
-            ringing = answer.body is None and producer.add_doorbell(
-                writer, self._bell_of(message))
-            await writer.drain()
-            if ringing:
-                await self._serve_doorbell(producer, reader, writer)
-        except (OSError, asyncio.IncompleteReadError, wire.FrameError):
-            pass  # the caller went away: the generation is not its to stop
-        finally:
-            self._handoffs.discard(task)
-            writer.close()
+            if answer.body is None and producer is not None and \
+                    producer.add_doorbell(handoff.transport, bell):
+                handoff.producer = producer
+            else:
+                handoff.close()
+
+        reply, producer = self.submit(message, on_answer)
+        handoff.send(reply)
+        if producer is None:
+            handoff.close()
 
     def _bell_of(self, message: dict) -> tuple[BellRinger, bytes, int] | None:
         """Where the submit asked its rings to go (relay/bells.py); None: its connection."""
@@ -112,23 +114,13 @@ class RelayServer:
             return self.ringer, address, number
         return None
 
-    @staticmethod
-    async def _serve_doorbell(producer: Producer, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-        """A stream's hand-off connection from the answer on: the producer rings it on
-        every append and closes it at the end (see RelayDoorbell); the reader sends
-        nothing, so this only waits for it to hang up."""
-        try:
-            await reader.read()
-        finally:
-            producer.remove_doorbell(writer)
-
-    def submit(self, message: dict, answered: asyncio.Future
+    def submit(self, message: dict, on_answer: Callable[[RelayAnswer], None]
                ) -> tuple[dict, Producer | None]:
         """Create the session and start its producer: the reply frame for the worker, and
         the producer (None if refused).
 
-        ``answered`` gets the :class:`RelayAnswer` when the upstream answered."""
+        ``on_answer`` is called once with the :class:`RelayAnswer` when the upstream
+        answered (in a later loop step: the reply goes out first)."""
         try:
             conversation_id = str(message["conversation_id"])
             headers = [(str(k), str(v)) for k, v in message.get("headers") or []]
@@ -150,10 +142,6 @@ class RelayServer:
             log.exception("relay: create_or_replace failed")
             return {"op": "refused", "status": 500, "type": "server_error",
                     "error": type(exc).__name__, "message": "Internal server error"}, None
-
-        def on_answer(answer: RelayAnswer) -> None:
-            if not answered.done():
-                answered.set_result(answer)
 
         producer = Producer(session, self.upstream, request, self.ping_interval, on_answer)
         replaced = bool(getattr(session, "replaced", False))
@@ -178,8 +166,7 @@ class RelayServer:
             appended = 0
             for producer in list(self.producers):
                 try:
-                    producer.tick(now)
-                    appended += producer.unreported_bytes()
+                    appended += producer.tick(now)
                 except Exception:
                     log.exception("relay tick failed id=%s", producer.log_id)
             if appended:
@@ -220,9 +207,60 @@ class RelayServer:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        handoffs = list(self._handoffs)  # doorbells whose readers did not hang up yet
-        for task in handoffs:
-            task.cancel()
-        await asyncio.gather(*handoffs, return_exceptions=True)
+        for handoff in list(self._handoffs):  # doorbells whose readers did not hang up yet
+            handoff.close()
         self.ringer.close()
         await self.upstream.aclose()
+
+
+class _Handoff(asyncio.Protocol):
+    """The relay's end of one hand-off connection (a protocol, not asyncio streams: no
+    task, reader and writer per completion). The worker sends its submit frame and then
+    nothing; it closes the connection when its reader is done, and a connection that
+    ends, however early, never stops the generation."""
+
+    def __init__(self, server: RelayServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.producer: Producer | None = None  # rings this connection (a stream's reader)
+        self._frame = bytearray()
+        self._submitted = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server._handoffs.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._submitted:
+            return  # nothing more is expected: a worker sends its submit only
+        self._frame += data
+        try:
+            message = wire.take_frame(self._frame)
+        except wire.FrameError:
+            self.close()
+            return
+        if message is not None:
+            self._submitted = True
+            self._frame = bytearray()
+            self.server._submitted(self, message)
+
+    def eof_received(self) -> bool:
+        return False  # the worker is done: close our side too
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server._handoffs.discard(self)
+        if self.producer is not None:
+            self.producer.remove_doorbell(self.transport)
+            self.producer = None
+
+    def send(self, message: dict) -> None:
+        if not self.closed:
+            self.transport.write(wire.encode(message))
+
+    def close(self) -> None:
+        """Close after what was sent (the transport flushes it first)."""
+        if not self.closed:
+            self.closed = True
+            self.transport.close()

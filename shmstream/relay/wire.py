@@ -24,7 +24,6 @@ Nothing here knows sessions or HTTP; :mod:`shmstream.relay.handoff` (worker side
 
 from __future__ import annotations
 
-import asyncio
 import struct
 
 import msgpack
@@ -44,24 +43,9 @@ def encode(message: dict) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict | None:
-    """The next message, or None at a clean EOF between frames.
-
-    Raises FrameError for a malformed frame and ``asyncio.IncompleteReadError`` for an EOF
-    inside one."""
-    try:
-        head = await reader.readexactly(_LENGTH.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-    payload = await reader.readexactly(_frame_size(head))
-    return decode(payload)
-
-
 def take_frame(buffer: bytearray) -> dict | None:
     """The first message of ``buffer`` (removed from it), or None if it holds no whole
-    frame yet: the same frames as :func:`read_frame`, for a protocol that buffers."""
+    frame yet. Raises FrameError for a frame that is too large or malformed."""
     if len(buffer) < _LENGTH.size:
         return None
     end = _LENGTH.size + _frame_size(buffer)
@@ -88,8 +72,3 @@ def decode(payload: bytes | bytearray) -> dict:
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise FrameError("a frame must be a map with an 'op'")
     return message
-
-
-async def write_frame(writer: asyncio.StreamWriter, message: dict) -> None:
-    writer.write(encode(message))
-    await writer.drain()
