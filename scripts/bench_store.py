@@ -6,9 +6,9 @@ producer -> reader wake latency across processes, fan-out to 1/10/100 reader pro
 (chunks delivered per second), and the replay of a full 4 MiB ring (section ``core``);
 the shared memory a session allocates for 1 KB / 22 KB / 300 KB / 6 MB answers and
 appends/s while a fresh ring grows step by step to its cap (``growth``); lookup / get
-p50/p99, one ``list`` and one gc pass with 1,000 and 10,000 retained sessions in one
-namespace (``scale``). Prints a table with the bars to compare against, or one JSON
-object with ``--json``.
+p50/p99, creation with and without a session quota, one ``list`` and one gc pass with
+1,000 and 10,000 retained sessions in one namespace (``scale``). Prints a table with the
+bars to compare against, or one JSON object with ``--json``.
 
 Runs in its own namespace, removed at exit (also on Ctrl-C and SIGTERM).
 
@@ -297,6 +297,16 @@ def bench_scale(namespace: str, count: int, samples: int) -> dict:
             handle = store.get(rng.choice(ids))
             handle.close()
             gets.append(time.perf_counter() - started)
+        progress(f"scale {count:,}: creating with and without a session quota")
+        creates = {"create": [], "create_quota": []}
+        quota_store = ShmStore(store.namespace, capacity=4 * MIB, max_sessions=count * 10)
+        for index in range(min(samples, 1000)):
+            for key, creator in (("create", store), ("create_quota", quota_store)):
+                started = time.perf_counter()
+                session = creator.create_or_replace(f"new-{key}-{index}")
+                creates[key].append(time.perf_counter() - started)
+                session.close()
+                creator.evict(f"new-{key}-{index}")
         progress(f"scale {count:,}: list and gc")
         started = time.perf_counter()
         listed = len(store.list())
@@ -327,6 +337,8 @@ def bench_scale(namespace: str, count: int, samples: int) -> dict:
     finally:
         store.purge()
     return {"sessions": count, **_percentiles("lookup", lookups), **_percentiles("get", gets),
+            **_percentiles("create", creates["create"]),
+            **_percentiles("create_quota", creates["create_quota"]),
             **_percentiles("get_during_gc", during or [0.0]),
             "list_ms": list_s * 1000, "gc_pass_ms": gc_s * 1000,
             "reap_pass_ms": reap_s * 1000, "supervisor_reap_pass_ms": reap_again_s * 1000}
@@ -383,6 +395,8 @@ def print_table(report: dict) -> None:
     for scale in results.get("scale", []):
         n = scale["sessions"]
         for metric in ("lookup_p50_ms", "lookup_p99_ms", "get_p50_ms", "get_p99_ms",
+                       "create_p50_ms", "create_p99_ms", "create_quota_p50_ms",
+                       "create_quota_p99_ms",
                        "get_during_gc_p50_ms", "get_during_gc_p99_ms", "list_ms",
                        "gc_pass_ms", "reap_pass_ms", "supervisor_reap_pass_ms"):
             key = f"scale_{n}_{metric}"

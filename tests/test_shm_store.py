@@ -799,3 +799,43 @@ def test_the_polling_doorbell_delivers_everything_without_futex(shm_store):
     assert result["state"] == "done"
     assert ended_after < 5.0, "the polling reader missed the final wake-up"
     session.close()
+
+
+# --- the session quota's count ---------------------------------------------------------------
+
+
+def test_the_session_quota_counts_by_the_index_and_lists_dev_shm_only_at_its_limit(
+        namespace, monkeypatch):
+    # Listing /dev/shm on every creation made creating O(sessions) under the exclusive
+    # registry lock (6 ms per creation with 5,000 sessions): it is only done at the limit.
+    listings = []
+    real_list_names = segment.list_names
+
+    def counting_list_names(*args, **kwargs):
+        listings.append(args)
+        return real_list_names(*args, **kwargs)
+    monkeypatch.setattr(segment, "list_names", counting_list_names)
+    store = ShmStore(namespace, max_sessions=3)
+    sessions = [store.create_or_replace(f"q{k}") for k in range(3)]
+    assert listings == [] and segment.indexed_count(namespace) == 3
+    with pytest.raises(StoreUnavailable, match="session quota reached"):
+        store.create_or_replace("q3")
+    assert len(listings) == 1  # at the limit: listed to be sure
+    replaced = store.create_or_replace("q0")  # a replace frees its own place first
+    assert segment.indexed_count(namespace) == 3
+    assert store.evict("q1")
+    assert segment.indexed_count(namespace) == 2
+    sessions.append(store.create_or_replace("q4"))
+    assert segment.indexed_count(namespace) == 3
+    # A count that is off (a creator killed between its segment and its index entry, or
+    # one set by hand) is set right: too high, by the listing at the limit ...
+    assert store.evict("q2")
+    segment.set_indexed_count(namespace, 100)
+    sessions.append(store.create_or_replace("q5"))  # 2 sessions really: it fits
+    assert segment.indexed_count(namespace) == 3
+    # ... too low, by the next gc pass.
+    segment.set_indexed_count(namespace, 0)
+    store.gc()
+    assert segment.indexed_count(namespace) == 3
+    for session in [*sessions, replaced]:
+        session.close()

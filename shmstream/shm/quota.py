@@ -4,8 +4,10 @@ Sessions grow after they are created, so the byte quota is checked twice: at cre
 (what the new session allocates at once) and before each growth step of a ring (a ring
 that may not grow is capped, see :meth:`Segment.make_room`). Counting stats every
 segment of the namespace (retired segments still mapped included), so a process recounts
-at most every :data:`RECOUNT_INTERVAL` and adds its own growth in between: a soft bound,
-exceeded at most by what other processes grew within one interval.
+at most every :data:`RECOUNT_INTERVAL` and adds its own creations and growth in between:
+a soft bound, exceeded at most by what other processes created and grew within one
+interval. The session quota reads the lookup index's count (shm/names.py), and lists
+/dev/shm only when that count says the limit is reached.
 """
 
 from __future__ import annotations
@@ -40,14 +42,21 @@ class Quota:
         """Raise StoreUnavailable if one more session does not fit. Registry lock held."""
         if self.max_sessions is None and self.max_shm_bytes is None:
             return
-        if self.max_sessions is not None:
+        if self.max_sessions is not None and \
+                segment.indexed_count(self.namespace) >= self.max_sessions:
+            # At the limit by the index's count: list /dev/shm to be sure (the count may
+            # be off by a creator killed midway), drop debris, and set the count right.
             names = segment.list_names(self.namespace)
             if len(names) >= self.max_sessions:
                 names = segment.without_debris(self.namespace, names)
+            segment.set_indexed_count(self.namespace, len(names))
             if len(names) >= self.max_sessions:
                 raise StoreUnavailable(f"session quota reached ({self.max_sessions} sessions)")
         if self.max_shm_bytes is not None:
-            used = self._count()
+            # Recounted at most every RECOUNT_INTERVAL, as for growth: counting stats every
+            # segment, which at each creation made creating O(sessions).
+            fresh = time.monotonic() - self._counted_at <= RECOUNT_INTERVAL
+            used = self._counted_bytes if fresh else self._count()
             record = layout.encode_metadata({"id": conversation_id})
             # What a new session allocates at once: header, metadata (+64 B of the
             # caller's), its first ring step, and its semaphore's page.

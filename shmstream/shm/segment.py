@@ -41,6 +41,7 @@ from shmstream.shm.names import (  # noqa: F401 - segment is the shm modules' on
     add_to_index,
     base_prefix,
     index_dir,
+    indexed_count,
     indexed_names,
     is_indexed,
     list_name_inodes,
@@ -53,6 +54,7 @@ from shmstream.shm.names import (  # noqa: F401 - segment is the shm modules' on
     remove_index,
     retired_pattern,
     segment_name,
+    set_indexed_count,
     shm_entries,
 )
 from shmstream.shm.sync import Doorbell, RobustLock

@@ -70,6 +70,9 @@ def gc(store: ShmStore, now: float | None = None) -> GCReport:
             session.close()
     with flocked(registry):
         freed = segment.collect_retired(store.namespace)
+        # What the session quota counts by, set right once a pass (a creator killed
+        # between its segment and its index entry left it one off).
+        segment.set_indexed_count(store.namespace, len(segment.list_names(store.namespace)))
     if freed:
         log.info("gc: freed %d replaced or removed segments no process maps any more", freed)
     return report
