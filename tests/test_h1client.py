@@ -259,6 +259,25 @@ def test_the_pool_lets_go_of_what_the_server_closed_and_of_what_idled_too_long()
     assert pooled == (1, 1) and left and expired and closed
 
 
+def test_an_idle_connection_that_gets_bytes_is_never_reused():
+    # Between answers nothing may come (a server's "408" before it closes, garbage): the
+    # connection's stream is out of step, so it leaves the pool at once.
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async def check(upstream, server):
+        await _read_all(upstream)
+        server.writers[0].write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+        for _ in range(500):
+            if not upstream._idle:
+                break
+            await asyncio.sleep(0.01)
+        left = not upstream._idle
+        server.replies.append(ok)
+        return left, await _read_all(upstream), len(set(server.peers))
+    left, result, peers = _run([ok], check)
+    assert left and result == (200, b"ok") and peers == 2
+
+
 def test_a_pooled_connection_the_server_drops_as_the_request_goes_out_is_retried_once():
     # The server closes the kept-alive connection on reading the next request, before any
     # byte of an answer (its keep-alive ran out just then): the client sends it again on a

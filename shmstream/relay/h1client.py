@@ -113,7 +113,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.complete or self.error is not None:
-            self.spoiled = True  # nothing more may come on a connection between answers
+            # Nothing may come on a connection between answers (an idle one's "408" before
+            # its server closes it): never reuse it.
+            self.spoiled = True
+            if self.pool is not None:
+                self.close()
             return
         self._got_bytes = True
         if not self.head_done.done():
@@ -440,9 +444,10 @@ class H1Upstream(AsyncUpstream):
             connection, _ = self._idle.popitem()  # the most recent: the least likely closed
             connection.pool = None
             connection._leave_pool()
-            if not connection.closed:
+            if not connection.closed and not connection.spoiled:
                 connection._start()
                 return connection
+            connection.close()
         return None
 
     def _release(self, connection: _Connection) -> None:
