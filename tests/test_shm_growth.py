@@ -324,6 +324,29 @@ def test_max_shm_bytes_counts_pages_and_caps_growth(namespace):
         session.close()
 
 
+def test_the_byte_quota_counts_again_at_its_limit_so_what_was_freed_fits(namespace):
+    # Between recounts a creation uses the count it keeps (stat'ing every segment at each
+    # creation made creating O(sessions)); at the limit it counts again, so a replace
+    # (which frees its old segment first) or an evict just before is seen at once.
+    probe = ShmStore(namespace, capacity=32 * STEP)
+    probe.create_or_replace("probe").close()
+    one = segment.namespace_allocated_bytes(namespace)  # what a new session allocates
+    assert probe.evict("probe")
+    store = ShmStore(namespace, capacity=32 * STEP, max_shm_bytes=int(2.5 * one))
+    first = store.create_or_replace("first")
+    first.finalize(State.DONE)
+    first.close()
+    second = store.create_or_replace("second")
+    with pytest.raises(StoreUnavailable, match="quota"):
+        store.create_or_replace("third")
+    again = store.create_or_replace("first")  # a replace within the recount interval
+    second.close()  # unmapped: evicting it frees its pages (a mapped one is retired)
+    assert store.evict("second")
+    third = store.create_or_replace("third")  # what the evict freed, at once
+    for session in (again, third):
+        session.close()
+
+
 def test_metrics_report_held_and_allocated_bytes(namespace):
     from prometheus_client import CollectorRegistry, generate_latest
 

@@ -62,6 +62,8 @@ class Quota:
             # caller's), its first ring step, and its semaphore's page.
             needed = pages(layout.ring_offset_for(len(record) + 64)
                             + layout.initial_allocation(self.capacity)) + layout.PAGE
+            if used + needed > self.max_shm_bytes and fresh:
+                used = self._count()  # at the limit by the count kept: count to be sure
             if used + needed > self.max_shm_bytes:
                 raise StoreUnavailable(
                     f"shared-memory quota reached ({used} of {self.max_shm_bytes} bytes used)"
