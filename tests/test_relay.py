@@ -291,6 +291,28 @@ def test_the_caller_leaving_does_not_stop_the_generation(relay, store, upstream_
     assert upstream_server.record("gone").closed_at is None
 
 
+def test_a_submit_whose_connection_ends_at_once_still_runs_its_generation(
+        relay, store, upstream_server, caplog):
+    # The worker may die right after its submit, before even "created": the relay serves
+    # it anyway and writes nothing to the closed connection.
+    import socket as socketlib
+
+    from shmstream.relay import wire
+
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as raw:
+        raw.connect(relay.client().socket_path)
+        raw.sendall(wire.encode({
+            "op": "submit", "conversation_id": "c9b", "method": "POST",
+            "target": "/v1/chat/completions", "headers": [],
+            "body": json.dumps({"stream": True, "script": {"tag": "gone-at-once",
+                                                            "events": 3}}).encode(),
+            "metadata": {}}))
+    wait_for(lambda: any(info.state.is_terminal for info in store.lookup(["c9b"])))
+    assert state_of(store, "c9b") is State.DONE
+    assert read_all(store, "c9b").replace(PING, b"") == expected_body("gone-at-once", 3)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_stopping_the_relay_aborts_running_sessions(store, upstream_server):
     relay = LocalRelay(store, H1Upstream(upstream_server.url), PING_INTERVAL).start()
     try:

@@ -90,7 +90,7 @@ class RelayServer:
         bell = self._bell_of(message)
 
         def on_answer(answer: RelayAnswer) -> None:
-            if handoff.closed:
+            if handoff.closed or handoff.transport.is_closing():
                 return  # the caller went away: the generation is not its to stop
             handoff.send({"op": "answer", "status": answer.status,
                           "headers": [list(h) for h in answer.headers], "body": answer.body})
@@ -246,7 +246,8 @@ class _Handoff(asyncio.Protocol):
             self.server._submitted(self, message)
 
     def eof_received(self) -> bool:
-        return False  # the worker is done: close our side too
+        self.closed = True  # the worker is done (nothing more is sent to it) ...
+        return False  # ... and our side closes too; connection_lost follows
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -256,11 +257,10 @@ class _Handoff(asyncio.Protocol):
             self.producer = None
 
     def send(self, message: dict) -> None:
-        if not self.closed:
+        if not self.closed and not self.transport.is_closing():
             self.transport.write(wire.encode(message))
 
     def close(self) -> None:
         """Close after what was sent (the transport flushes it first)."""
-        if not self.closed:
-            self.closed = True
-            self.transport.close()
+        self.closed = True
+        self.transport.close()  # idempotent
