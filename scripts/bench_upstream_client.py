@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """CPU per SSE chunk in an upstream client, side by side in one run: httpx (the HTTP
-workers' proxy) and aiohttp (the relays), each on asyncio's own loop and on uvloop.
+workers' proxy) and aiohttp, each on asyncio's own loop and on uvloop, and the relays' own
+client (shmstream/relay/h1client.py: httptools, each read pushed to a callback) on uvloop.
 
 An asyncio SSE server sends ``--streams`` concurrent chunked streams of ``--events``
 events, ``--gap`` seconds apart, so each read finds one event (a token stream's shape);
@@ -21,7 +22,7 @@ import uvloop
 
 EVENT = b'data: {"choices":[{"delta":{"content":" tok"}}]}\n\n'
 CLIENTS = ("httpx:asyncio", "httpx:uvloop", "aiohttp:asyncio", "aiohttp:uvloop",
-           "httptools:uvloop")
+           "h1client:uvloop")
 
 
 def _cpu() -> float:
@@ -42,40 +43,32 @@ def _client(kind: str, loop_kind: str, port: int, streams: int, results) -> None
                     count += 1
         return count
 
-    async def one_raw(_client, url: str) -> int:
-        import httptools
+    async def one_h1(upstream) -> int:
+        from shmstream.relay.client import AsyncUpstreamRequest
 
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
+        count = 0
 
-        class Reader(asyncio.Protocol):
-            count = 0
-
-            def connection_made(self, transport):
-                self.parser = httptools.HttpResponseParser(self)
-                transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                                b"Content-Length: 2\r\n\r\n{}")
-
-            def data_received(self, data):
-                self.parser.feed_data(data)
-
-            def on_body(self, body):
-                self.count += 1
-
-            def on_message_complete(self):
-                done.set_result(self.count)
-
-        transport, _ = await loop.create_connection(Reader, "127.0.0.1", port)
+        def on_chunk(_chunk: bytes) -> bool:
+            nonlocal count
+            count += 1
+            return True
+        response = await upstream.open(AsyncUpstreamRequest(
+            "POST", "/v1/chat/completions", [], b"{}"))
         try:
-            return await done
+            await response.pump(on_chunk, lambda: None)
         finally:
-            transport.close()
+            await response.aclose()
+        return count
 
     async def run() -> None:
-        if kind == "httptools":
+        if kind == "h1client":
+            from shmstream.relay.h1client import H1Upstream
+
+            upstream = H1Upstream(f"http://127.0.0.1:{port}")
             started = _cpu()
-            counts = await asyncio.gather(*(one_raw(None, "") for _ in range(streams)))
+            counts = await asyncio.gather(*(one_h1(upstream) for _ in range(streams)))
             results.put((sum(counts), _cpu() - started))
+            await upstream.aclose()
             return
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         if kind == "httpx":
