@@ -313,7 +313,7 @@ class H1Response(AsyncUpstreamResponse):
                     await connection.wait()
             finally:
                 connection._sink = connection._on_end = None
-            if connection.complete or (connection.spoiled and connection.error is None):
+            if connection.error is None:
                 return  # ended (on_end was called in that step) or stopped by on_chunk
         if connection.error is not None:
             raise connection.error
@@ -442,7 +442,6 @@ class H1Upstream(AsyncUpstream):
     def _take_idle(self) -> _Connection | None:
         while self._idle:
             connection, _ = self._idle.popitem()  # the most recent: the least likely closed
-            connection.pool = None
             connection._leave_pool()
             if not connection.closed and not connection.spoiled:
                 connection._start()

@@ -321,9 +321,7 @@ class Producer:
                     self._tail = PING
                     self._bytes += len(PING)
                 self._last_append = now
-        delta = self._bytes - self._bytes_reported
-        self._bytes_reported = self._bytes
-        return delta
+        return self.unreported_bytes()
 
     def stop(self, reason: str) -> None:
         """Cut the upstream call: ``"cancel"`` (the session was cancelled or replaced) or

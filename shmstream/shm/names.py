@@ -118,21 +118,13 @@ def add_to_index(namespace: str, name: str) -> None:
     entry = _index_entry(namespace, name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        os.close(os.open(entry, flags, PERMISSIONS))
+        fd = os.open(entry, flags, PERMISSIONS)
     except FileExistsError:
         return  # indexed already (gc re-indexing): counted already
-    except FileNotFoundError:
-        folder = os.path.dirname(entry)
-        try:
-            os.mkdir(folder, 0o700)  # a new base: its folder (the index's own is there)
-        except FileNotFoundError:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-        except FileExistsError:
-            pass
-        try:
-            os.close(os.open(entry, flags, PERMISSIONS))
-        except FileExistsError:
-            return
+    except FileNotFoundError:  # the first session of its base: the folder first
+        os.makedirs(os.path.dirname(entry), mode=0o700, exist_ok=True)
+        fd = os.open(entry, flags, PERMISSIONS)
+    os.close(fd)
     _add_to_count(namespace, 1)
 
 
