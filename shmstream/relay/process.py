@@ -48,7 +48,7 @@ class RelayProcess:
     def run(self) -> int:
         """Serve until told to stop; returns the exit status (0)."""
         # uvloop, as in the HTTP workers: its transports cost a relay about a third of
-        # asyncio's per chunk read (measured with 200 streams, see relay/aioclient.py).
+        # asyncio's per chunk read (scripts/bench_upstream_client.py, 200 streams).
         return uvloop.run(self._main())
 
     def _ask(self, what: str) -> None:
