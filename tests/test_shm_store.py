@@ -839,3 +839,21 @@ def test_the_session_quota_counts_by_the_index_and_lists_dev_shm_only_at_its_lim
     assert segment.indexed_count(namespace) == 3
     for session in [*sessions, replaced]:
         session.close()
+
+
+def test_a_glance_reads_state_and_producer_without_mapping_or_locking(namespace):
+    """segment.glance (the reaper's first look at a new session): one pread gives the
+    inode, the state and the producer's identity; an unfinished header gives None."""
+    store = ShmStore(namespace, capacity=4096)
+    with store.create_or_replace("glanced") as session:
+        name, inode = session.segment.name, session.segment.inode
+        header = session.segment.header
+        producer = (header.producer_pid, header.producer_start, header.producer_scope)
+        seen_inode, seen = segment.glance(name)
+        assert seen_inode == inode and seen.state is State.RUNNING
+        assert seen.producer == producer and producer[0] == os.getpid()
+        session.finalize(State.CANCELLED)
+        assert segment.glance(name)[1].state is State.CANCELLED
+    assert layout.glance(bytes(layout.HEADER_SIZE)) is None  # no magic: not finished
+    assert layout.glance(b"short") is None
+    assert segment.glance(f"{namespace}.missing") is None

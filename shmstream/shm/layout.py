@@ -68,6 +68,7 @@ exposes a zeroed intermediate value.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 
 import msgpack
@@ -404,3 +405,30 @@ class Header:
             self.ring = None
         self.q.release()
         self.i.release()
+
+
+@dataclasses.dataclass(frozen=True)
+class Glance:
+    """What a header's first bytes tell without the segment's lock or a mapping (the
+    supervisor's reaper meets each new session once this way): its state, a snapshot
+    that may be stale at once (a terminal state never changes again), and its producer's
+    identity, written once before the magic."""
+
+    state: State
+    producer: tuple[int, int, int]  # (pid, start time, pid-namespace scope)
+
+
+def glance(head: bytes) -> Glance | None:
+    """The :class:`Glance` of a header read as bytes; None unless it is a finished header
+    of this layout version with a known state."""
+    if len(head) < HEADER_SIZE:
+        return None
+    header = Header(bytearray(head[:HEADER_SIZE]))
+    try:
+        if header.q[MAGIC_VERSION_Q] != MAGIC_VERSION or \
+                header.i[STATE_I] not in State._value2member_map_:
+            return None
+        return Glance(State(header.i[STATE_I]),
+                      (header.producer_pid, header.producer_start, header.producer_scope))
+    finally:
+        header.release()

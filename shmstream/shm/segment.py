@@ -85,6 +85,20 @@ def allocated_bytes(name: str) -> int:
         return 0
 
 
+def glance(name: str) -> tuple[int, layout.Glance | None] | None:
+    """(inode, :func:`layout.glance` of its header) of the object ``name``, read with one
+    pread: no mapping, semaphore or lock, and invisible to :func:`retire` (it takes no
+    flock). None if gone."""
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.fstat(fd).st_ino, layout.glance(os.pread(fd, layout.HEADER_SIZE, 0))
+    finally:
+        os.close(fd)
+
+
 def namespace_allocated_bytes(namespace: str) -> int:
     """Pages held by every segment and semaphore of ``namespace``, retired segments still
     mapped included (index entries and lock files hold no pages)."""
