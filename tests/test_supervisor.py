@@ -214,6 +214,46 @@ def test_the_repeated_reaper_reopens_a_running_session_only_once_its_producer_di
     assert reaper.run() == 0 and len(opened) == 1  # ended: never opened again
 
 
+def test_the_repeated_reaper_lists_nothing_while_dev_shm_is_unchanged(namespace,
+                                                                      monkeypatch):
+    """While /dev/shm's mtime stays as it was, and was already older than the racy window
+    when it was read, a pass lists nothing: it checks the known producers alone, and a
+    known producer's death still makes a full pass that aborts its session. A changed
+    mtime lists again and finds a new session; a fresh mtime is never trusted. (The mtime
+    is a stand-in here: parallel runs change the real /dev/shm at any time.)"""
+    from shmstream.shm import segment, upkeep
+
+    store = ShmStore(namespace, capacity=4096)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    producer = context.Process(target=_produce_then_hang, args=(namespace, "busy", ready))
+    producer.start()
+    listings = []
+    real_listing = segment.list_name_inodes
+    monkeypatch.setattr(segment, "list_name_inodes",
+                        lambda ns, prefix=None: listings.append(ns) or real_listing(ns, prefix))
+    mtime = [time.time_ns() - 5 * upkeep.Reaper.RACY_NS]
+    monkeypatch.setattr(segment, "directory_mtime_ns", lambda: mtime[0])
+    reaper = upkeep.Reaper(store)
+    try:
+        assert ready.wait(10)
+        assert reaper.run() == 0 and len(listings) == 1
+        assert reaper.run() == 0 and len(listings) == 1  # unchanged: no listing
+    finally:
+        os.kill(producer.pid, signal.SIGKILL)
+        producer.join(5)
+    assert reaper.run() == 1 and len(listings) == 2  # its producer died: a full pass
+    with store.get("busy") as session:
+        assert session.info().state is State.ABORTED
+    _start_dead_producer(namespace, "new")
+    mtime[0] += 1  # what creating "new" did to the real mtime
+    assert reaper.run() == 1 and len(listings) == 3
+    with store.get("new") as session:
+        assert session.info().state is State.ABORTED
+    mtime[0] = time.time_ns()  # within the racy window of the next listing: not trusted
+    assert reaper.run() == 0 and reaper.run() == 0 and len(listings) == 5
+
+
 def test_the_repeated_reaper_skips_ended_sessions_and_catches_a_replacement(namespace):
     """abort_producers(repeated=True), the supervisor's pass: an ended session is never
     opened again, a replacement under the same name (a new segment) is examined afresh,

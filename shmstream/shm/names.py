@@ -84,6 +84,17 @@ def list_name_inodes(namespace: str, prefix: str | None = None) -> dict[str, int
         return {}
 
 
+def directory_mtime_ns() -> int | None:
+    """/dev/shm's modification time: it changes whenever a name is added, removed or
+    renamed there (any namespace's), so an unchanged one means an unchanged listing, as
+    long as it was already older than the timestamps' granularity when it was read (see
+    the supervisor's Reaper). None if there is no /dev/shm."""
+    try:
+        return os.stat(SHM_DIR).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def list_retired(namespace: str) -> list[str]:
     """Names of replaced or removed segments that were still mapped when they went."""
     pattern = retired_pattern(namespace)

@@ -40,6 +40,7 @@ from shmstream.shm.names import (  # noqa: F401 - segment is the shm modules' on
     SHM_DIR,
     add_to_index,
     base_prefix,
+    directory_mtime_ns,
     index_dir,
     indexed_count,
     indexed_names,

@@ -142,7 +142,9 @@ class Reaper:
     session is met with one pread of its header (:func:`segment.glance`), not a mapping,
     a semaphore and its lock: a terminal state is final, and the producer's identity is
     written before the header is marked finished, so neither needs the lock (the
-    mapping path was two thirds of the reaper's CPU at 1,000 streams ramped in 2 s).
+    mapping path was two thirds of the reaper's CPU at 1,000 streams ramped in 2 s). And
+    while /dev/shm's mtime says no name came, went or was replaced, a pass lists nothing:
+    it checks the known producers' liveness alone (the listing was the rest of it).
 
     It keeps no segment mapped between passes: a segment mapped anywhere when it is
     deleted or replaced is retired, and its pages stay taken until gc (a DELETE right
@@ -150,56 +152,80 @@ class Reaper:
     running sessions whose producer lives: their producer and readers recover a dead
     holder's lock themselves on their next hold, and gc frees the rest."""
 
+    # An unchanged /dev/shm mtime is trusted only if it was this much older than the
+    # listing it was read with: a name added within the timestamps' granularity (a jiffy
+    # on a coarse clock) of the read could leave the mtime as it was (git's "racy" rule).
+    RACY_NS = 1_000_000_000
+
     def __init__(self, store: ShmStore):
         self.store = store
         self._ended: set[tuple[str, int]] = set()
         self._producers: dict[tuple[str, int], tuple[int, int, int]] = {}
         self._lock = threading.Lock()
+        self._listed_mtime: int | None = None  # /dev/shm's mtime at the last full listing
+        self._listed_at = 0  # time.time_ns() at that listing
 
     def run(self, pids: Iterable[int] | None = None) -> int:
         targets = None if pids is None else set(pids)
-        aborted = 0
         with self._lock:
-            present = segment.list_name_inodes(self.store.namespace)
-            self._ended = {key for key in self._ended if present.get(key[0]) == key[1]}
-            self._producers = {key: producer for key, producer in self._producers.items()
-                               if present.get(key[0]) == key[1]}
-            judged: dict[tuple[int, int, int], Liveness] = {}  # producer -> liveness
-            for name, inode in present.items():
-                key = (name, inode)
-                if key in self._ended:
+            if self._listing_unchanged() and not any(
+                    producer_doomed(liveness(*producer), producer[0], targets)
+                    for producer in set(self._producers.values())):
+                return 0  # no new, removed or replaced session, and no producer doomed
+            return self._full_pass(targets)
+
+    def _listing_unchanged(self) -> bool:
+        mtime = segment.directory_mtime_ns()
+        return mtime is not None and mtime == self._listed_mtime and \
+            mtime < self._listed_at - self.RACY_NS
+
+    def _full_pass(self, targets: set[int] | None) -> int:
+        aborted = 0
+        self._listed_at = time.time_ns()
+        self._listed_mtime = segment.directory_mtime_ns()  # read before the listing
+        present = segment.list_name_inodes(self.store.namespace)
+        self._ended = {key for key in self._ended if present.get(key[0]) == key[1]}
+        self._producers = {key: producer for key, producer in self._producers.items()
+                           if present.get(key[0]) == key[1]}
+        judged: dict[tuple[int, int, int], Liveness] = {}  # producer -> liveness
+        for name, inode in present.items():
+            key = (name, inode)
+            if key in self._ended:
+                continue
+            producer = self._producers.get(key)
+            if producer is None:  # a new session: one pread tells most of them apart
+                seen = segment.glance(name)
+                if seen is None or seen[0] != inode:
+                    continue  # gone or replaced since the listing (its mtime changed)
+                if seen[1] is not None and seen[1].state.is_terminal:
+                    self._ended.add(key)  # final: no lock needed to believe it
                     continue
-                producer = self._producers.get(key)
-                if producer is None:  # a new session: one pread tells most of them apart
-                    seen = segment.glance(name)
-                    if seen is None or seen[0] != inode:
-                        continue  # gone or replaced since the listing: the next pass sees it
-                    if seen[1] is not None and seen[1].state.is_terminal:
-                        self._ended.add(key)  # final: no lock needed to believe it
-                        continue
-                    if seen[1] is not None:
-                        producer = self._producers[key] = seen[1].producer
-                if producer is not None:
-                    if producer not in judged:
-                        judged[producer] = liveness(*producer)
-                    if not producer_doomed(judged[producer], producer[0], targets):
-                        continue  # still running or ended: either way nothing to abort
-                session = open_any(self.store, name)
-                if session is None:
-                    continue
-                try:
-                    running, killed = self._reap(session, name, targets)
-                    key = (name, session.segment.inode)
-                    if running:
-                        header = session.segment.header  # written once, before the marker
-                        self._producers[key] = (header.producer_pid, header.producer_start,
-                                                header.producer_scope)
-                    else:
-                        self._ended.add(key)
-                        self._producers.pop(key, None)
-                finally:
-                    session.close()
-                aborted += killed
+                if seen[1] is not None:
+                    producer = self._producers[key] = seen[1].producer
+            if producer is not None:
+                if producer not in judged:
+                    judged[producer] = liveness(*producer)
+                if not producer_doomed(judged[producer], producer[0], targets):
+                    continue  # still running or ended: either way nothing to abort
+            session = open_any(self.store, name)
+            if session is None:
+                # Unfinished (its creator may finish it without touching /dev/shm again)
+                # or foreign: list again next pass rather than miss its producer.
+                self._listed_mtime = None
+                continue
+            try:
+                running, killed = self._reap(session, name, targets)
+                key = (name, session.segment.inode)
+                if running:
+                    header = session.segment.header  # written once, before the marker
+                    self._producers[key] = (header.producer_pid, header.producer_start,
+                                            header.producer_scope)
+                else:
+                    self._ended.add(key)
+                    self._producers.pop(key, None)
+            finally:
+                session.close()
+            aborted += killed
         return aborted
 
     @staticmethod
