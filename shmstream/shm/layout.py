@@ -387,6 +387,11 @@ class Header:
         return self.q[PRODUCER_SCOPE_Q]
 
     @property
+    def producer(self) -> tuple[int, int, int]:
+        """(pid, start time, pid-namespace scope): what ``procs.liveness`` judges."""
+        return self.producer_pid, self.producer_start, self.producer_scope
+
+    @property
     def write_end(self) -> int:
         return self.q[WRITE_END_Q]
 
@@ -428,7 +433,6 @@ def glance(head: bytes) -> Glance | None:
         if header.q[MAGIC_VERSION_Q] != MAGIC_VERSION or \
                 header.i[STATE_I] not in State._value2member_map_:
             return None
-        return Glance(State(header.i[STATE_I]),
-                      (header.producer_pid, header.producer_start, header.producer_scope))
+        return Glance(header.state, header.producer)
     finally:
         header.release()

@@ -251,10 +251,10 @@ class ShmSession(Session):
         self._lock.acquire(timeout)
         try:
             state, completed = header.state, header.completed_at_us
-            pid, start, scope = header.producer_pid, header.producer_start, header.producer_scope
+            producer = header.producer
         finally:
             self._lock.release()
-        return state, completed, liveness(pid, start, scope), pid
+        return state, completed, liveness(*producer), producer[0]
 
     def _poll(self, offset: int, limit: int | None) -> tuple[bytes, bool]:
         q, i, lock = self._q, self._i, self._lock

@@ -217,9 +217,8 @@ class Reaper:
                 running, killed = self._reap(session, name, targets)
                 key = (name, session.segment.inode)
                 if running:
-                    header = session.segment.header  # written once, before the marker
-                    self._producers[key] = (header.producer_pid, header.producer_start,
-                                            header.producer_scope)
+                    # written once, before the marker
+                    self._producers[key] = session.segment.header.producer
                 else:
                     self._ended.add(key)
                     self._producers.pop(key, None)
