@@ -168,21 +168,18 @@ class Reaper:
     def run(self, pids: Iterable[int] | None = None) -> int:
         targets = None if pids is None else set(pids)
         with self._lock:
-            if self._listing_unchanged() and not any(
+            now, mtime = time.time_ns(), segment.directory_mtime_ns()  # before any listing
+            unchanged = mtime is not None and mtime == self._listed_mtime and \
+                mtime < self._listed_at - self.RACY_NS
+            if unchanged and not any(
                     producer_doomed(liveness(*producer), producer[0], targets)
                     for producer in set(self._producers.values())):
                 return 0  # no new, removed or replaced session, and no producer doomed
+            self._listed_at, self._listed_mtime = now, mtime
             return self._full_pass(targets)
-
-    def _listing_unchanged(self) -> bool:
-        mtime = segment.directory_mtime_ns()
-        return mtime is not None and mtime == self._listed_mtime and \
-            mtime < self._listed_at - self.RACY_NS
 
     def _full_pass(self, targets: set[int] | None) -> int:
         aborted = 0
-        self._listed_at = time.time_ns()
-        self._listed_mtime = segment.directory_mtime_ns()  # read before the listing
         present = segment.list_name_inodes(self.store.namespace)
         self._ended = {key for key in self._ended if present.get(key[0]) == key[1]}
         self._producers = {key: producer for key, producer in self._producers.items()
